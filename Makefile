@@ -1,0 +1,46 @@
+# The README's commands. Each target sets up .venv itself (idempotent: quick once installed).
+# A CUDA user overrides the torch wheel, e.g. `make train TORCH="torch>=2.5"`.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.smollm-installed
+ARGS   ?=
+
+.PHONY: setup train test test-all lab sync-check nbtest pytest export clean bench-quick
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+## make train: the main job on the embedded default (tinyllama_nano)
+train: setup
+	$(BIN)/smollm-train $(ARGS)
+
+## make test: notebooks clean and library in sync, notebook tests, pytest
+test: setup sync-check
+	$(BIN)/nbdev-test --n-workers 2
+	$(BIN)/python -m pytest -n 2 -q tests
+
+## make test-all: also the `#| slow` notebook cells and the slow pytest marks
+test-all: setup sync-check
+	$(BIN)/nbdev-test --n-workers 2 --flags slow
+	$(BIN)/python -m pytest -n 2 -q -m "not gpu" tests
+
+sync-check: setup
+	$(BIN)/python tools/check_sync.py
+
+## make export: regenerate smollm/ from the notebooks and clean them (what you run after editing)
+export: setup
+	$(BIN)/nbdev-export
+	$(BIN)/nbdev-clean
+
+lab: setup
+	$(BIN)/jupyter lab nbs
+
+clean:
+	rm -rf $(VENV) .pytest_cache

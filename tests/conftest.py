@@ -1,0 +1,21 @@
+"""Shared pytest set-up.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before any kernel module
+is imported: here, at the very top, for machines without a GPU. (`smollm.kernels.core.load_triton`
+does the same for library users.)
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    "Every test starts from the same RNG state, so a failure reproduces."
+    torch.manual_seed(0)
+    yield
