@@ -21,15 +21,18 @@ setup: $(STAMP)
 train: setup
 	$(BIN)/smollm-train $(ARGS)
 
+# Tests run two processes on two cores: one thread each, or tiny ops drown in thread contention.
+TESTENV := OMP_NUM_THREADS=1
+
 ## make test: notebooks clean and library in sync, notebook tests, pytest
 test: setup sync-check
-	$(BIN)/nbdev-test --n-workers 2
-	$(BIN)/python -m pytest -n 2 -q tests
+	$(TESTENV) $(BIN)/nbdev-test --n-workers 2
+	$(TESTENV) $(BIN)/python -m pytest -n 2 -q tests
 
 ## make test-all: also the `#| slow` notebook cells and the slow pytest marks
 test-all: setup sync-check
-	$(BIN)/nbdev-test --n-workers 2 --flags slow
-	$(BIN)/python -m pytest -n 2 -q -m "not gpu" tests
+	$(TESTENV) $(BIN)/nbdev-test --n-workers 2 --flags slow
+	$(TESTENV) $(BIN)/python -m pytest -n 2 -q -m "not gpu" tests
 
 sync-check: setup
 	$(BIN)/python tools/check_sync.py
