@@ -1,0 +1,143 @@
+"""Cross-entropy and the fused lm head + cross-entropy: smollm's Triton kernels against eager PyTorch (the
+references), torch.compile of them, and Liger-Kernel.
+
+On a GPU (`quick=False`), TinyLlama in bf16: 16k tokens (8 x 2048), dim 2048, vocabulary 32000.
+
+- `cross_entropy` on (16384, 32000) logits. It is memory-bound; the bytes that must move are, forward: read the
+  logits + write the gradient (+ the targets), backward: read and write the gradient.
+- `linear_cross_entropy` on hidden (16384, 2048) and the lm-head weight (32000, 2048). It is matmul-bound, so it
+  reports FLOPs (three N x V x dim matmuls for forward + backward) and the peak memory; the target is within 1.1x
+  the time of the unfused matmul + cross-entropy at a quarter of its peak memory. The plain-PyTorch chunked
+  version (`linear_cross_entropy_chunked`, what `impl="torch"` runs) is timed too.
+
+With `quick=True` it runs tiny shapes on the CPU under Triton's interpreter: a correctness check and the timing of
+the Triton ops and eager only. Liger is called through its loss modules (`LigerCrossEntropyLoss`,
+`LigerFusedLinearCrossEntropyLoss`, which wrap `LigerCrossEntropyFunction` and
+`LigerFusedLinearCrossEntropyFunction`) because their keyword arguments are stable across versions.
+"""
+from __future__ import annotations
+
+import torch
+
+from common import Row, bench, peak_memory_mb
+from smollm.kernels.core import load_triton
+from smollm.kernels.cross_entropy import cross_entropy_ref, linear_cross_entropy_chunked, linear_cross_entropy_ref
+
+
+def close(a, b, tol):
+    "a against b, with the tolerance relative to the size of b."
+    scale = b.detach().float().abs().max().clamp(min=1e-6)
+    torch.testing.assert_close(a.detach().float(), b.detach().float(), atol=tol * scale, rtol=tol)
+
+
+def targets(n, V, device):
+    y = torch.randint(0, V, (n,), device=device)
+    y[::17] = -100  # some ignored positions (padding, prompt tokens)
+    return y
+
+
+def time_modes(op, name, fn, inputs, nbytes=(None, None), flops=(None, None)) -> list[Row]:
+    """Forward (inputs requiring grad, as in training), backward and both; `fn(*inputs)` returns a scalar loss.
+    nbytes/flops: (forward, backward) amounts, summed for the fwd+bwd row."""
+    device = inputs[0].device.type
+    out = fn(*inputs)
+    fwd = bench(lambda: fn(*inputs), device)
+    bwd = bench(lambda: torch.autograd.grad(out, inputs, retain_graph=True), device)
+    step = lambda: torch.autograd.grad(fn(*inputs), inputs)
+    both = bench(step, device)
+    peak = peak_memory_mb(step, device)
+    add = lambda p: None if p[0] is None else p[0] + p[1]
+    return [Row(op, "fwd", name, fwd, nbytes[0], flops[0]), Row(op, "bwd", name, bwd, nbytes[1], flops[1]),
+            Row(op, "fwd+bwd", name, both, add(nbytes), add(flops), peak_mb=peak)]
+
+
+def check_grads(fn, ref_fn, inputs, y, tol):
+    "Loss and input gradients of fn against ref_fn, on clones."
+    a = [x.detach().clone().requires_grad_() for x in inputs]
+    b = [x.detach().clone().requires_grad_() for x in inputs]
+    out, ref = fn(*a, y), ref_fn(*b, y)
+    close(out, ref, tol)
+    for ga, gb in zip(torch.autograd.grad(out, a), torch.autograd.grad(ref, b)):
+        close(ga, gb, tol)
+
+
+def ce_impls(quick: bool):
+    "name -> fn(logits, targets) -> mean loss."
+    out = {"smollm-triton": load_triton("cross_entropy").cross_entropy, "eager": cross_entropy_ref}
+    if quick:
+        return out
+    out["compile"] = torch.compile(cross_entropy_ref)
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+        liger = LigerCrossEntropyLoss(ignore_index=-100, reduction="mean")
+        # Liger writes its gradient over the logits it is given: it must stay the last entry here, since the
+        # logits are garbage after it ran (its correctness check runs on clones)
+        out["liger"] = liger
+    except ImportError:
+        pass
+    return out
+
+
+def linear_impls(quick: bool, chunk_size=None):
+    "name -> fn(hidden, weight, targets) -> mean loss."
+    tr = load_triton("cross_entropy")
+    out = {"smollm-triton": lambda h, w, y: tr.linear_cross_entropy(h, w, y, chunk_size=chunk_size),
+           "eager": linear_cross_entropy_ref}
+    if quick:
+        return out
+    out["compile"] = torch.compile(linear_cross_entropy_ref)
+    out["smollm-torch-chunked"] = linear_cross_entropy_chunked
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="mean")
+        out["liger"] = lambda h, w, y: liger(w, h, y)
+    except ImportError:
+        pass
+    return out
+
+
+def run(quick: bool, device: str) -> list[Row]:
+    if quick:
+        N, dim, V, dtype, tol, chunk = 8, 32, 300, torch.float32, 1e-5, 3
+    else:
+        N, dim, V, dtype, tol, chunk = 8 * 2048, 2048, 32000, torch.bfloat16, 3e-2, None
+    rows = []
+
+    # cross_entropy on the full logits
+    z = (torch.randn(N, V, device=device) * 2).to(dtype).requires_grad_()
+    y = targets(N, V, device)
+    nb = z.numel() * z.element_size()
+    for name, fn in ce_impls(quick).items():
+        if name != "eager":
+            check_grads(fn, cross_entropy_ref, [z], y, tol)
+        rows += time_modes("cross_entropy", name, lambda z_, fn=fn: fn(z_, y), [z],
+                           nbytes=(2 * nb + y.numel() * y.element_size(), 2 * nb))
+    del z
+
+    # linear_cross_entropy: the lm head fused with the loss
+    h = torch.randn(N, dim, device=device).to(dtype).requires_grad_()
+    w = (torch.randn(V, dim, device=device) / dim ** 0.5).to(dtype).requires_grad_()
+    mm = 2 * N * V * dim
+    lin = []
+    for name, fn in linear_impls(quick, chunk).items():
+        if name != "eager":
+            check_grads(fn, linear_cross_entropy_ref, [h, w], y, tol)
+        lin += time_modes("linear_cross_entropy", name, lambda h_, w_, fn=fn: fn(h_, w_, y), [h, w],
+                          flops=(mm, 2 * mm))
+    if quick:  # interpreter timings say nothing about the target
+        return rows + lin
+    # the target, on the fused op's fwd+bwd row: time and peak memory relative to the unfused eager op
+    both = {r.impl: r for r in lin if r.mode == "fwd+bwd"}
+    ours, eager = both["smollm-triton"], both["eager"]
+    note = f"{ours.ms / eager.ms:.2f}x eager time"
+    if ours.peak_mb is not None and eager.peak_mb:
+        note += f", {ours.peak_mb / eager.peak_mb:.2f}x eager peak memory"
+    ours.note = note + " (target: <= 1.1x, <= 0.25x)"
+    return rows + lin
+
+
+if __name__ == "__main__":
+    import sys
+    from common import print_table
+    quick = "--quick" in sys.argv or not torch.cuda.is_available()
+    print_table(run(quick, "cuda" if torch.cuda.is_available() else "cpu"))
