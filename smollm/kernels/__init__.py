@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = []
 
-# %% ../../nbs/19_kernels.ipynb #8eb13db2
+# %% ../../nbs/19_kernels.ipynb #54b66963
 from .core import IMPLS, resolve_impl, triton_available
 from .rmsnorm import rms_norm, rms_norm_ref
 from .rope import rope, rope_ref, rotate_half
 from .swiglu import swiglu, swiglu_ref
-from .cross_entropy import cross_entropy, cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_ref
+from .cross_entropy import (cross_entropy, cross_entropy_ref, linear_cross_entropy,
+                                          linear_cross_entropy_chunked, linear_cross_entropy_ref)
 from .attention import attention, attention_ref
