@@ -347,7 +347,7 @@ def test_errors():
     x, pos = torch.randn(1, 4, 32), torch.arange(4)
     with pytest.raises(ValueError, match="softcap=30.0 cannot run on backend='sdpa'.*backend='eager'"):
         Attention(32, 4, softcap=30.0)
-    with pytest.raises(ValueError, match="softcap=50.0 cannot run on backend='sdpa'"):
+    with pytest.raises(ValueError, match="model.attention.softcap=50.0 is not valid"):
         build_model(config("softcap", backend="sdpa").model)
     with pytest.raises(ValueError, match="sinks=True is not supported by backend='triton'"):
         Attention(32, 4, sinks=True, backend="triton")
