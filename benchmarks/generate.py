@@ -1,0 +1,80 @@
+"""Batch-1 decode speed on the CPU: smollm's `generate` (KV cache) against transformers' `generate`.
+
+Both run the same weights (the smollm model written with `smollm.hf.to_hf` and read back by
+transformers), greedy, in the same process, alternating run by run (each timed run right after an untimed
+one of the same model, so its weights are as warm in cache as in real use); the table gives the medians.
+tokens/s counts the new tokens of a whole `generate` call (prefill of a short prompt included).
+
+    .venv/bin/python benchmarks/generate.py                          # tinyllama_nano shape, vocab 8192
+    .venv/bin/python benchmarks/generate.py --model tinyllama_120m --vocab 32000 --new 64
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tinyllama_nano", help="a conf/model preset")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    p.add_argument("--new", type=int, default=128, help="new tokens per generate call")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM
+    from smollm.config import compose
+    from smollm.generate import generate
+    from smollm.hf import to_hf
+    from smollm.model import build_model
+
+    torch.manual_seed(0)
+    cfg = compose([f"model={args.model}", f"data.vocab_size={args.vocab}", "model.kernels=torch"])
+    ours = build_model(cfg.model).eval()
+    with tempfile.TemporaryDirectory() as d:
+        to_hf(ours, d)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").eval()
+    ids = torch.randint(0, args.vocab, (1, args.prompt))
+
+    def run_ours():
+        return generate(ours, ids, args.new)
+
+    def run_hf():
+        with torch.inference_mode():
+            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                               min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+
+    # the same greedy tokens, or the comparison means nothing (random weights: a near-tie may flip late)
+    a, b = run_ours(), run_hf()
+    same = int((a[0, args.prompt:] == b[0, args.prompt:]).cumprod(0).sum())
+    print(f"{args.model} (vocab {args.vocab}, {ours.num_params() / 1e6:.1f}M params), batch 1, prompt {args.prompt}, "
+          f"{args.new} new tokens, {torch.get_num_threads()} threads; greedy tokens identical for the first "
+          f"{same}/{args.new}")
+    impls = {"smollm": run_ours, "transformers": run_hf}
+    times = {k: [] for k in impls}
+    for _ in range(args.reps):
+        for name, fn in impls.items():
+            # both models' weights together (2 x 28 MB at the default size) overflow a typical L3 cache: an untimed
+            # run first puts this model's weights back in cache, as in real use where one model generates
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    hf_tps = args.new / statistics.median(times["transformers"])
+    print("| impl | median s | tokens/s | vs transformers |")
+    print("|---|---|---|---|")
+    for name, ts in times.items():
+        tps = args.new / statistics.median(ts)
+        print(f"| {name} | {statistics.median(ts):.3f} | {tps:.0f} | {tps / hf_tps:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""smollm.hf against transformers: tiny random checkpoints that transformers itself writes load with its logits,
+smollm models written by to_hf load in transformers with ours, and bad checkpoints fail with clear errors."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+from smollm.config import compose  # noqa: E402
+from smollm.hf import CheckpointError, from_hf, load_tokenizer, to_hf  # noqa: E402
+from smollm.model import build_model  # noqa: E402
+
+V = 128
+SIZE = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1)
+
+
+def hf_checkpoint(path, cls, config_cls, **kw):
+    "A random transformers model saved to `path`; returns it (fp32, eval)."
+    torch.manual_seed(0)
+    model = cls(config_cls(**(SIZE | kw))).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def assert_same_logits(ours, hf, T=40, atol=1e-5):
+    ids = torch.randint(0, V, (2, T))
+    with torch.no_grad():
+        a, b = ours(ids), hf(ids).logits
+    torch.testing.assert_close(a, b, atol=atol, rtol=0)
+
+
+LLAMA_CASES = {
+    "mha": dict(num_key_value_heads=4),
+    "gqa": dict(num_key_value_heads=2),
+    "mqa": dict(num_key_value_heads=1),
+    "mha_tied": dict(num_key_value_heads=4, tie_word_embeddings=True),
+    "gqa_tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "mqa_tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
+    "theta_head_dim": dict(num_key_value_heads=2, head_dim=32, rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+    "mlp_bias": dict(num_key_value_heads=2, mlp_bias=True),
+    "llama3": dict(num_key_value_heads=2, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+    "linear": dict(num_key_value_heads=2, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}),
+    "yarn": dict(num_key_value_heads=2, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 16}),
+    "dynamic": dict(num_key_value_heads=2, max_position_embeddings=32,   # the sequence (40) outgrows 32
+                    rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}),
+}
+
+
+@pytest.mark.parametrize("case", list(LLAMA_CASES))
+def test_llama_parity(tmp_path, case):
+    hf = hf_checkpoint(tmp_path, LlamaForCausalLM, LlamaConfig, **LLAMA_CASES[case])
+    ours = from_hf(tmp_path)
+    assert ours.embed.weight.dtype == torch.float32
+    assert (ours.lm_head.weight is ours.embed.weight) == bool(LLAMA_CASES[case].get("tie_word_embeddings"))
+    assert_same_logits(ours, hf)
+    if "rope_type" in LLAMA_CASES[case].get("rope_parameters", {}) and case != "theta_head_dim":
+        from smollm.positional import RopeScaling   # the scaling matters: plain RoPE gives other logits
+        ours.positional.scaling, ours.positional._inv_cache = RopeScaling(), {}
+        with pytest.raises(AssertionError):
+            assert_same_logits(ours, hf)
+
+
+def test_mistral_sliding_window(tmp_path):
+    hf = hf_checkpoint(tmp_path, MistralForCausalLM, MistralConfig, num_key_value_heads=2, sliding_window=8)
+    ours = from_hf(tmp_path)
+    assert [blk.attn.window for blk in ours.layers] == [8, 8]
+    assert_same_logits(ours, hf, T=40)   # 5 windows long: a wrong window shows
+    # the window matters here: without it the logits differ
+    for blk in ours.layers:
+        blk.attn.window = None
+    with pytest.raises(AssertionError):
+        assert_same_logits(ours, hf, T=40)
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_qwen2_bias(tmp_path, sliding):
+    kw = dict(use_sliding_window=True, sliding_window=8, max_window_layers=1) if sliding else {}
+    hf = hf_checkpoint(tmp_path, Qwen2ForCausalLM, Qwen2Config, num_key_value_heads=2, **kw)
+    ours = from_hf(tmp_path)
+    assert ours.layers[0].attn.q_proj.bias is not None and ours.layers[0].attn.o_proj.bias is None
+    assert [blk.attn.window for blk in ours.layers] == ([None, 8] if sliding else [None, None])
+    assert_same_logits(ours, hf)
+
+
+TINYLLAMA_4X = {   # TinyLlama-1.1B-Chat-v1.0's config.json (transformers 4.35), at a tiny size
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02, "intermediate_size": 176,
+    "max_position_embeddings": 64, "model_type": "llama", "num_attention_heads": 8, "num_hidden_layers": 2,
+    "num_key_value_heads": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
+    "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.35.0", "use_cache": True, "vocab_size": V}
+
+
+def test_transformers_4x_config(tmp_path):
+    hf_checkpoint(tmp_path, LlamaForCausalLM, LlamaConfig, **{k: TINYLLAMA_4X[k] for k in (
+        "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "max_position_embeddings")})
+    (tmp_path / "config.json").write_text(json.dumps(TINYLLAMA_4X))
+    assert from_hf(tmp_path).embed.weight.dtype == torch.bfloat16     # torch_dtype, as transformers' dtype="auto"
+    ours = from_hf(tmp_path, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert (ours.dim, ours.layers[0].attn.n_kv_heads, ours.layers[0].mlp_norm.eps) == (64, 2, 1e-5)
+    assert_same_logits(ours, hf)
+
+
+def test_sharded_and_bin(tmp_path):
+    hf = hf_checkpoint(tmp_path / "full", LlamaForCausalLM, LlamaConfig, num_key_value_heads=2)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert_same_logits(from_hf(tmp_path / "sharded"), hf)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "full" / "config.json").read_text())
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)   # old checkpoints store it: skipped
+    torch.save(sd, tmp_path / "bin" / "pytorch_model.bin")
+    assert_same_logits(from_hf(tmp_path / "bin"), hf)
+
+
+# --- to_hf: smollm models out to transformers
+
+BASE = ["model.n_layers=2", f"data.vocab_size={V}", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.mlp_hidden=96", "model.block_size=64", "model.init_std=0.1"]
+TO_HF_CASES = {
+    "llama_gqa": ([], "llama"),
+    "llama_mha_tied": (["model/attention=mha", "model.tie_embeddings=true"], "llama"),
+    "llama_mqa_theta": (["model/attention=mqa", "model.positional.theta=500000.0"], "llama"),
+    "llama_head_dim": (["model.head_dim=32"], "llama"),
+    "llama_mlp_bias": (["model.mlp.bias=true"], "llama"),
+    "llama3": (["model/positional=rope_llama3", "model.positional.scaling.original_max_seq_len=16",
+                "model.positional.scaling.factor=4.0"], "llama"),
+    "yarn": (["model/positional=rope_yarn", "model.positional.scaling.original_max_seq_len=16"], "llama"),
+    "mistral": (["model/attention=sliding_window", "model.attention.window=8"], "mistral"),
+    "qwen2": (["model.attention.qkv_bias=true"], "qwen2"),
+    "qwen2_pattern": (["++model.attention.window=8", "model.layer_pattern=SG"], "qwen2"),
+}
+
+
+@pytest.mark.parametrize("case", list(TO_HF_CASES))
+def test_to_hf_round_trip(tmp_path, case):
+    overrides, model_type = TO_HF_CASES[case]
+    ours = build_model(compose(BASE + overrides).model).eval()
+    to_hf(ours, tmp_path, eos_token_id=2)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == model_type and cfg["eos_token_id"] == 2
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert_same_logits(ours, hf)
+    assert_same_logits(from_hf(tmp_path), hf)   # and back into smollm
+
+
+def test_overwrite_in_place(tmp_path):
+    "from_hf's parameters own their memory: writing back into the folder they came from is safe."
+    hf = hf_checkpoint(tmp_path, LlamaForCausalLM, LlamaConfig, num_key_value_heads=2)
+    ours = from_hf(tmp_path)
+    to_hf(ours, tmp_path)
+    assert_same_logits(ours, hf)
+    assert_same_logits(from_hf(tmp_path), hf)
+
+
+NO_HF = {   # overrides -> the component the error must name
+    "model/norm=layernorm": "norm: LayerNorm",
+    "model/norm=dyt": "norm: DyT",
+    "model/positional=alibi": "positional: ALiBi",
+    "model/positional=learned": "positional: LearnedAbsolute",
+    "model/positional=t5": "positional: T5Bias",
+    "model/mlp=gelu": "mlp: GELUMLP",
+    "model/attention=mla": "attn: MLA",
+    "model/attention=qk_norm": "attn.qk_norm",
+    "model/attention=softcap": "attn.softcap",
+    "model/attention=sinks": "attn.sinks",
+    "model.placement=post": "placement='post'",
+    "model.layer_pattern=GN": "NoPE layers [1]",
+    "model.positional.fraction=0.5": "positional.fraction: 0.5",
+}
+
+
+@pytest.mark.parametrize("override", list(NO_HF))
+def test_to_hf_refuses(tmp_path, override):
+    model = build_model(compose(BASE + [override]).model)
+    with pytest.raises(CheckpointError, match="has no Hugging Face equivalent") as e:
+        to_hf(model, tmp_path)
+    assert NO_HF[override] in str(e.value)
+    assert not (tmp_path / "config.json").exists()
+
+
+# --- bad input
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    hf_checkpoint(tmp_path, LlamaForCausalLM, LlamaConfig, num_key_value_heads=2)
+    return tmp_path
+
+
+def test_missing_files(tmp_path, llama_dir):
+    with pytest.raises(CheckpointError, match="is not a folder"):
+        from_hf(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json in"):
+        from_hf(tmp_path / "empty")
+    (llama_dir / "model.safetensors").rename(llama_dir / "weights.txt")
+    with pytest.raises(CheckpointError, match=r"no weights in .*expected model.safetensors.*weights.txt"):
+        from_hf(llama_dir)
+
+
+def test_missing_shard(tmp_path):
+    hf = hf_checkpoint(tmp_path, LlamaForCausalLM, LlamaConfig, num_key_value_heads=2)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    shard = sorted((tmp_path / "sharded").glob("*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"lists shards that are not in the folder.*{shard.name}"):
+        from_hf(tmp_path / "sharded")
+
+
+def test_unknown_model_type(llama_dir):
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    (llama_dir / "config.json").write_text(json.dumps(cfg | {"model_type": "gpt_neox"}))
+    with pytest.raises(CheckpointError, match=r"model_type='gpt_neox' is not supported; supported: \('llama'"):
+        from_hf(llama_dir)
+
+
+def test_bad_tensors(llama_dir):
+    f = llama_dir / "model.safetensors"
+    sd = load_file(f)
+    sd["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)
+    del sd["model.layers.1.mlp.up_proj.weight"], sd["lm_head.weight"]
+    sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 64)
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as e:
+        from_hf(llama_dir)
+    msg = str(e.value)
+    assert "missing tensors: model.layers.1.mlp.up_proj.weight, lm_head.weight" in msg
+    assert "unexpected tensors: model.layers.0.self_attn.q_norm.weight" in msg
+    assert "shape mismatches: model.layers.0.self_attn.k_proj.weight [64, 64] (expected [32, 64])" in msg
+
+
+def test_unsupported_config_fields(llama_dir):
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    for extra, err in [({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+                       ({"attention_bias": True}, "attention_bias=true gives o_proj a bias"),
+                       ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "'longrope' is not supported"),
+                       ({"rope_parameters": {"rope_type": "llama3", "factor": 2.0, "smoothing": 1.0}},
+                        r"fields smollm does not read: \['smoothing'\]")]:
+        (llama_dir / "config.json").write_text(json.dumps(cfg | extra))
+        with pytest.raises(CheckpointError, match=err):
+            from_hf(llama_dir)
+
+
+# --- tokenizer
+
+
+ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
+          "eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+          "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+          "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+
+
+def write_tokenizer(path, template=ZEPHYR):
+    "A small byte-level BPE with Llama's special tokens and a chat template, as tokenizer.json + tokenizer_config.json."
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["hello there, how are you?", "I am a tiny model. Nice to meet you!"] * 20, trainer)
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": {"__type": "AddedToken", "content": "<s>"}, "eos_token": "</s>", "unk_token": "<unk>",
+        "chat_template": template}))
+
+
+def test_tokenizer_matches_transformers(tmp_path):
+    write_tokenizer(tmp_path)
+    ours = load_tokenizer(tmp_path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    chat = [{"role": "system", "content": "You are nice."}, {"role": "user", "content": "hello there"},
+            {"role": "assistant", "content": "how are you?"}, {"role": "user", "content": "I am a tiny model"}]
+    for gen in (True, False):
+        assert ours.apply_chat_template(chat, add_generation_prompt=gen) == ref.apply_chat_template(
+            chat, add_generation_prompt=gen, tokenize=False)
+        assert ours.apply_chat_template(chat, add_generation_prompt=gen, tokenize=True) == ref.encode(
+            ref.apply_chat_template(chat, add_generation_prompt=gen, tokenize=False), add_special_tokens=False)
+    text = "hello there, I am a tiny model!"
+    assert ours.encode(text) == ref.encode(text)
+    assert ours.decode(ours.encode(text)) == text
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (1, 2, None)
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no tokenizer.json in"):
+        load_tokenizer(tmp_path)
+    write_tokenizer(tmp_path, template="{{ raise_exception('only user turns') }}")
+    with pytest.raises(CheckpointError, match="chat template: only user turns"):
+        load_tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")   # the newer file wins
+    assert load_tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
