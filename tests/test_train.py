@@ -1,0 +1,231 @@
+"""The training loop end to end, at a tiny size: exact resume (in-process and after SIGKILL), the stop on a
+non-finite loss, metrics.csv, checkpoint atomicity, the command line on real text, config errors."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from smollm.config import ConfigError, compose
+from smollm.model import build_model
+from smollm.train import (MetricsLog, TrainingError, adamw, latest_checkpoint, load_checkpoint, read_metrics,
+                          save_checkpoint, train)
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+TINY = ["data=mqar", "data.vocab_size=64", "data.num_kv_pairs=4", "model.dim=32", "model.n_layers=2",
+        "model.n_heads=4", "model.n_kv_heads=2", "model.mlp_hidden=64", "model.block_size=32",
+        "trainer.batch_size=8", "trainer.progress=false", "schedule.warmup_steps=2", "trainer.log_every=1",
+        "trainer.eval_every=4", "trainer.eval_batches=2", "trainer.max_steps=8"]
+
+
+def cfg_of(*extra):
+    return compose(TINY + list(extra))
+
+
+def weights(run_dir, cfg):
+    m = build_model(cfg.model)
+    load_checkpoint(latest_checkpoint(Path(run_dir) / "checkpoints"), m)
+    return m.state_dict()
+
+
+def assert_same_run(a, b, cfg):
+    "Same losses at every logged step and bit-identical final weights."
+    ra, rb = read_metrics(Path(a) / "metrics.csv"), read_metrics(Path(b) / "metrics.csv")
+    key = lambda rows: [(r["step"], r["tokens"], r["train_loss"], r["val_loss"], r["val_acc"], r["lr"]) for r in rows]
+    assert key(ra) == key(rb)
+    assert [r["step"] for r in ra] == list(range(1, cfg.trainer.max_steps + 1))
+    wa, wb = weights(a, cfg), weights(b, cfg)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("extra", [[], ["optim=muon", "schedule=wsd", "trainer.grad_accum=2"]],
+                         ids=["adamw-cosine", "muon-wsd-accum"])
+def test_resume_is_exact(tmp_path, extra):
+    cfg = cfg_of("trainer.ckpt_every=3", *extra)
+    train(cfg, tmp_path / "straight")
+    out = train(cfg, tmp_path / "resumed", stop_at=4)
+    assert out["status"] == "stopped"
+    assert json.loads((tmp_path / "resumed" / "run.json").read_text())["status"] == "stopped"
+    assert latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == "step_0000004"
+    train(cfg_of("trainer.ckpt_every=3", "trainer.resume=true", *extra), tmp_path / "resumed")
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", cfg)
+    assert json.loads((tmp_path / "resumed" / "run.json").read_text())["status"] == "done"
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import safetensors.torch as st
+    import smollm.train
+    real, calls = st.save_model, []
+    def save_then_die(model, filename, *a, **k):
+        calls.append(filename)
+        real(model, filename, *a, **k)
+        if len(calls) == 2:   # inside the second checkpoint: weights written, state not, folder not renamed
+            os.kill(os.getpid(), signal.SIGKILL)
+    st.save_model = save_then_die
+    sys.argv = ["smollm-train", *sys.argv[1:]]
+    smollm.train.main()
+""")
+
+
+def test_sigkill_then_resume_matches(tmp_path):
+    run = tmp_path / "killed"
+    args = TINY + ["trainer.ckpt_every=3", f"hydra.run.dir={run}"]
+    p = subprocess.run([sys.executable, "-c", KILLER, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
+    # killed while saving step 6: step 3 is still the whole, pointed-to checkpoint; the log reached step 6
+    assert latest_checkpoint(run / "checkpoints").name == "step_0000003"
+    assert [r["step"] for r in read_metrics(run / "metrics.csv")] == list(range(1, 7))
+    assert json.loads((run / "run.json").read_text())["status"] == "running"
+    cfg = cfg_of("trainer.ckpt_every=3")
+    train(cfg_of("trainer.ckpt_every=3", "trainer.resume=true"), run)
+    train(cfg, tmp_path / "straight")
+    assert_same_run(tmp_path / "straight", run, cfg)
+    assert not list((run / "checkpoints").glob(".tmp*"))    # the half-written step 6 was redone and renamed
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import smollm.train as tr
+    real_build = tr.build_model
+
+    def build_poisoned(cfg):   # a model whose loss turns NaN at the 5th training step (the 5th call)
+        m = real_build(cfg)
+        loss, calls = m.loss, []
+
+        def poisoned(x, y, **kw):
+            calls.append(1)
+            out = loss(x, y, **kw)
+            return out * float("nan") if len(calls) == 5 else out
+        m.loss = poisoned
+        return m
+    monkeypatch.setattr(tr, "build_model", build_poisoned)
+    with pytest.raises(TrainingError, match="non-finite loss at step 5") as e:
+        train(cfg_of("trainer.ckpt_every=2", "trainer.eval_every=100"), tmp_path)
+    assert "step_0000004" in str(e.value)
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_0000004"
+    w = weights(tmp_path, cfg_of())
+    assert all(torch.isfinite(v).all() for v in w.values())
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["status"] == "failed" and "step 5" in info["error"]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.csv")] == [1, 2, 3, 4]
+
+
+def test_absurd_learning_rate_diverges_with_a_message(tmp_path):
+    with pytest.raises(TrainingError, match=r"non-finite (loss|gradient norm) at step \d"):
+        train(cfg_of("optim.lr=1e30", "trainer.grad_clip=0", "schedule=constant", "schedule.warmup_steps=0"), tmp_path)
+
+
+def test_metrics_csv_is_flushed_row_by_row(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.csv", ["step", "train_loss", "val_loss"])
+    log.write(dict(step=1, train_loss=1 / 3, val_loss=None))
+    # read by another handle while the log is still open: the row is on disk, in full precision
+    assert (tmp_path / "metrics.csv").read_text().splitlines() == ["step,train_loss,val_loss", f"1,{1 / 3!r},"]
+    log.write(dict(step=2, train_loss=0.25, val_loss=0.5))
+    log.close()
+    log = MetricsLog(tmp_path / "metrics.csv", ["step", "train_loss", "val_loss"], keep_until=1)   # a resume at step 1
+    log.close()
+    assert read_metrics(tmp_path / "metrics.csv") == [dict(step=1, train_loss=1 / 3, val_loss=None)]
+
+
+@pytest.mark.parametrize("where", ["safetensors", "torch.save"])
+def test_interrupted_checkpoint_leaves_the_previous_one_whole(tmp_path, monkeypatch, where):
+    cfg = cfg_of()
+    m = build_model(cfg.model)
+    opt = adamw(m)
+    save_checkpoint(tmp_path, 3, m, opt, {"tokens": 1})
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters(): p.add_(1.0)
+
+    def boom(*a, **k): raise OSError("disk full (simulated)")
+    if where == "safetensors":
+        import safetensors.torch
+        monkeypatch.setattr(safetensors.torch, "save_model", boom)
+    else:
+        monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 6, m, opt, {"tokens": 2})
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "step_0000003"
+    assert not (tmp_path / "step_0000006").exists()
+    fresh = build_model(cfg.model)
+    state = load_checkpoint(latest_checkpoint(tmp_path), fresh, adamw(fresh))
+    assert state["tokens"] == 1 and all(torch.equal(fresh.state_dict()[k], before[k]) for k in before)
+    save_checkpoint(tmp_path, 6, m, opt, {"tokens": 2})     # the leftover temporary folder does not get in the way
+    assert latest_checkpoint(tmp_path).name == "step_0000006" and not (tmp_path / "step_0000003").exists()
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    cfg = cfg_of("model.tie_embeddings=true")
+    m = build_model(cfg.model)
+    save_checkpoint(tmp_path, 1, m, adamw(m), {})
+    fresh = build_model(cfg.model)
+    load_checkpoint(latest_checkpoint(tmp_path), fresh)
+    assert fresh.lm_head.weight is fresh.embed.weight and torch.equal(fresh.embed.weight, m.embed.weight)
+
+
+def test_command_line_on_text(tmp_path):
+    "smollm-train on a small slice of the embedded corpus: artifacts, samples, the summary line."
+    run = tmp_path / "run"
+    env = {**os.environ, "SMOLLM_CACHE": str(tmp_path / "cache")}
+    args = ["data=pystdlib", "data.max_files=20", "data.vocab_size=300", "model.dim=32", "model.n_layers=2",
+            "model.n_heads=4", "model.n_kv_heads=2", "model.mlp_hidden=64", "model.block_size=32",
+            "trainer.max_steps=6", "trainer.batch_size=4", "trainer.log_every=2", "trainer.eval_every=3",
+            "trainer.eval_batches=2", "trainer.ckpt_every=3", "trainer.sample_tokens=8", "schedule.warmup_steps=2",
+            f"hydra.run.dir={run}"]
+    p = subprocess.run([str(BIN / "smollm-train"), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "below the unigram baseline" in p.stdout and "validation loss" in p.stdout
+    for name in ("config.yaml", "run.json", "metrics.csv", "loss.png", "samples.txt", ".hydra/overrides.yaml"):
+        assert (run / name).is_file(), name
+    rows = read_metrics(run / "metrics.csv")
+    assert [r["step"] for r in rows] == [2, 3, 4, 6] and "val_acc" not in rows[0]
+    assert rows[-1]["val_ppl"] == pytest.approx(math.exp(rows[-1]["val_loss"]))
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "done" and info["unigram_loss"] > 0 and info["val_loss"] == rows[-1]["val_loss"]
+    assert (run / "samples.txt").read_text().count("--- continuation ---") == 3
+    assert "data:" in (run / "config.yaml").read_text() and "${" not in (run / "config.yaml").read_text()
+
+
+def test_resume_errors(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.resume=true but .* holds no checkpoint"):
+        train(cfg_of("trainer.resume=true"), tmp_path)
+    train(cfg_of("trainer.max_steps=2"), tmp_path)
+    with pytest.raises(ConfigError, match=r"model.dim=32 there, 64 now"):
+        train(cfg_of("trainer.max_steps=4", "trainer.resume=true", "model.dim=64"), tmp_path)
+    assert train(cfg_of("trainer.resume=auto"), tmp_path / "fresh")["status"] == "done"   # auto: none yet, start
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.max_steps=0"):
+        train(cfg_of("trainer.max_steps=0"), tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="trainer.device='cuda' but CUDA is not available"):
+            train(cfg_of("trainer.device=cuda"), tmp_path)
+    with pytest.raises(Exception, match="warmup_steps=-1"):
+        train(cfg_of("schedule.warmup_steps=-1"), tmp_path)
+
+
+def test_experiment_configs_compose():
+    cfg = compose(["experiment=mqar_recall"])
+    assert cfg.data._target_ == "smollm.data.MQAR" and cfg.model.attention.window is not None
+    assert compose([]).get("experiment") is None
+
+
+@pytest.mark.slow
+def test_compile_on_cpu(tmp_path):
+    "torch.compile of the loss gives the eager losses (to float tolerance)."
+    eager = train(cfg_of("trainer.max_steps=3", "trainer.eval_every=3"), tmp_path / "eager")
+    comp = train(cfg_of("trainer.max_steps=3", "trainer.eval_every=3", "trainer.compile=true"), tmp_path / "compiled")
+    a, b = read_metrics(tmp_path / "eager" / "metrics.csv"), read_metrics(tmp_path / "compiled" / "metrics.csv")
+    assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-4)
+    assert eager["val_loss"] == pytest.approx(comp["val_loss"], rel=1e-4)
