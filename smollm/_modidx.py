@@ -502,6 +502,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'smollm.train.read_metrics': ('train.html#read_metrics', 'smollm/train.py'),
                               'smollm.train.rng_state': ('train.html#rng_state', 'smollm/train.py'),
                               'smollm.train.save_checkpoint': ('train.html#save_checkpoint', 'smollm/train.py'),
+                              'smollm.train.save_tokenizer': ('train.html#save_tokenizer', 'smollm/train.py'),
                               'smollm.train.set_rng_state': ('train.html#set_rng_state', 'smollm/train.py'),
                               'smollm.train.train': ('train.html#train', 'smollm/train.py'),
                               'smollm.train.write_samples': ('train.html#write_samples', 'smollm/train.py')}}}

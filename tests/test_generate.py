@@ -190,8 +190,8 @@ def test_chat_cli(checkpoint, monkeypatch, capsys):
 
 
 def test_load_model_errors(tmp_path):
-    (tmp_path / "run" / ".hydra").mkdir(parents=True)
-    with pytest.raises(NotImplementedError, match="run directory"):
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)   # a run folder without its config.yaml and checkpoints
+    with pytest.raises(FileNotFoundError, match="smollm-train run folder with config.yaml"):
         load_model(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         load_model(tmp_path)

@@ -194,6 +194,16 @@ def test_command_line_on_text(tmp_path):
     assert info["status"] == "done" and info["unigram_loss"] > 0 and info["val_loss"] == rows[-1]["val_loss"]
     assert (run / "samples.txt").read_text().count("--- continuation ---") == 3
     assert "data:" in (run / "config.yaml").read_text() and "${" not in (run / "config.yaml").read_text()
+    # the run folder is a checkpoint smollm-generate reads: its model and its tokenizer
+    from smollm.generate import generate, load_model
+    from smollm.hf import load_tokenizer
+    tok, model = load_tokenizer(run), load_model(run)
+    ids = torch.tensor([tok.encode("def ")])
+    expected = "def " + tok.decode(generate(model, ids, 6)[0, ids.shape[1]:].tolist())
+    g = subprocess.run([str(BIN / "smollm-generate"), str(run), "--prompt", "def ", "--max-new-tokens", "6"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert g.returncode == 0, g.stderr[-3000:]
+    assert g.stdout.rstrip("\n") == expected.rstrip("\n")
 
 
 def test_resume_errors(tmp_path):
