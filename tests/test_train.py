@@ -239,3 +239,12 @@ def test_compile_on_cpu(tmp_path):
     a, b = read_metrics(tmp_path / "eager" / "metrics.csv"), read_metrics(tmp_path / "compiled" / "metrics.csv")
     assert [r["train_loss"] for r in a] == pytest.approx([r["train_loss"] for r in b], rel=1e-4)
     assert eager["val_loss"] == pytest.approx(comp["val_loss"], rel=1e-4)
+
+
+def test_command_line_bad_input_is_one_clear_line(tmp_path):
+    "A bad override stops smollm-train before anything runs, with the message and no stack trace."
+    p = subprocess.run([str(BIN / "smollm-train"), "model.n_heads=7", f"hydra.run.dir={tmp_path / 'run'}"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    assert "ConfigError: model.n_heads=7 is not valid: a divisor of model.dim=256" in p.stderr
+    assert "Traceback" not in p.stderr
