@@ -14,6 +14,15 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    "The tensors in the tests are tiny: a second thread costs more to wake than it saves, most of all on a shared CPU."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     "Every test starts from the same RNG state, so a failure reproduces."

@@ -37,15 +37,6 @@ ATTN.update(EXTRA)
 POS = options("model/positional")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "Tiny tensors: a second thread costs more to wake than it saves (50x more when the CPU is shared)."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.lru_cache(None)
 def _compose(overrides: tuple):
     return compose(TINY + overrides)

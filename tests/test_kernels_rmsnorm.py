@@ -4,10 +4,10 @@ fp32 is compared with the reference directly. For bf16 and fp16 both the kernel 
 that dtype) are compared with the reference computed from the same inputs in fp64: the kernel may be off by
 no more than a small multiple of the reference's own rounding error.
 """
-import contextlib
 
 import pytest
 import torch
+from helpers import poisoned_outputs
 
 from smollm.kernels.core import load_triton
 from smollm.kernels.rmsnorm import rms_norm, rms_norm_ref
@@ -17,20 +17,6 @@ tr = load_triton("rmsnorm")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # a single row (= a length-1 sequence), small, odd widths and row counts, and TinyLlama's width on a few rows
 SHAPES = [(1, 1, 64), (2, 7, 128), (5, 123, 123), (3, 47, 1000), (2, 3, 2048)]
-
-
-@contextlib.contextmanager
-def poisoned_outputs():
-    "Every buffer torch.empty/empty_like hands out meanwhile starts as NaN: an element a kernel forgets to write shows."
-    empty, empty_like = torch.empty, torch.empty_like
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-    torch.empty = lambda *a, **k: nan(empty(*a, **k))
-    torch.empty_like = lambda *a, **k: nan(empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
 
 
 def run(f, x, w, r, dy, ds, **kw):

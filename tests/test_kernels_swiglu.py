@@ -4,10 +4,10 @@ fp32 is compared with the reference directly. For bf16 and fp16 both the kernel 
 that dtype) are compared with the reference computed from the same inputs in fp64: the kernel may be off by
 no more than a small multiple of the reference's own rounding error, plus an ulp or two.
 """
-import contextlib
 
 import pytest
 import torch
+from helpers import poisoned_outputs
 
 from smollm.kernels.core import load_triton
 from smollm.kernels.swiglu import swiglu, swiglu_ref
@@ -21,20 +21,6 @@ SHAPES = [(1, 1, 64), (2, 7, 128), (5, 123, 123), (3, 47, 1000), (1, 3, 5632)]
 # strided gate with a contiguous up (different row strides), or transposed views whose dims cannot merge
 # into rows (copied first)
 LAYOUTS = ["contiguous", "chunks", "mixed", "transposed"]
-
-
-@contextlib.contextmanager
-def poisoned_outputs():
-    "Every buffer torch.empty/empty_like hands out meanwhile starts as NaN: an element a kernel forgets to write shows."
-    empty, empty_like = torch.empty, torch.empty_like
-    def nan(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-    torch.empty = lambda *a, **k: nan(empty(*a, **k))
-    torch.empty_like = lambda *a, **k: nan(empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
 
 
 def make(shape, dtype, layout):

@@ -15,14 +15,6 @@ from smollm.positional import (ALiBi, LearnedAbsolute, NoPE, RoPE, Sinusoidal, T
                                rope_scaling, t5_buckets)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    "The tensors here are tiny: a second thread costs more than it saves, most of all on a shared CI machine."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 # ---------------------------------------------------------------------------------------------------------- ALiBi
 
 def test_alibi_slopes_power_of_two():
