@@ -180,6 +180,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                'smollm/kernels/cross_entropy.py'),
                                               'smollm.kernels.cross_entropy._linear_ce_chunks': ( 'kernels_cross_entropy.html#_linear_ce_chunks',
                                                                                                   'smollm/kernels/cross_entropy.py'),
+                                              'smollm.kernels.cross_entropy._small_linear_ce_cpu': ( 'kernels_cross_entropy.html#_small_linear_ce_cpu',
+                                                                                                     'smollm/kernels/cross_entropy.py'),
                                               'smollm.kernels.cross_entropy.ce_rows_torch': ( 'kernels_cross_entropy.html#ce_rows_torch',
                                                                                               'smollm/kernels/cross_entropy.py'),
                                               'smollm.kernels.cross_entropy.check_ce_args': ( 'kernels_cross_entropy.html#check_ce_args',
