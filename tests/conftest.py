@@ -1,17 +1,15 @@
 """Shared pytest set-up.
 
-Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before any kernel module
-is imported: here, at the very top, for machines without a GPU. (`smollm.kernels.core.load_triton`
-does the same for library users.)
+Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before anything imports triton:
+here, at the very top, through the same function the library and nbdev-test use (it switches the interpreter
+on only where there is no GPU).
 """
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from smollm.kernels.core import interpreter_without_gpu
 
-import pytest  # noqa: E402
+interpreter_without_gpu()
 
 
 @pytest.fixture(autouse=True, scope="session")
