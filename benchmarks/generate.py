@@ -4,6 +4,8 @@ Both run the same weights (the smollm model written with `smollm.hf.to_hf` and r
 transformers), greedy, in the same process, alternating run by run (each timed run right after an untimed
 one of the same model, so its weights are as warm in cache as in real use); the table gives the medians.
 tokens/s counts the new tokens of a whole `generate` call (prefill of a short prompt included).
+"smollm compiled" is `generate(..., compile=True)`: a static cache and a torch.compile'd decoding step; its
+one-off compilation is timed apart and left out of its tokens/s. `--no-compile` skips it.
 
     .venv/bin/python benchmarks/generate.py                          # tinyllama_nano shape, vocab 8192
     .venv/bin/python benchmarks/generate.py --model tinyllama_120m --vocab 32000 --new 64
@@ -26,6 +28,7 @@ def main():
     p.add_argument("--new", type=int, default=128, help="new tokens per generate call")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the compiled decoding step")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,6 +50,9 @@ def main():
     def run_ours():
         return generate(ours, ids, args.new)
 
+    def run_compiled():
+        return generate(ours, ids, args.new, compile=True)
+
     def run_hf():
         with torch.inference_mode():
             return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
@@ -54,11 +60,17 @@ def main():
 
     # the same greedy tokens, or the comparison means nothing (random weights: a near-tie may flip late)
     a, b = run_ours(), run_hf()
-    same = int((a[0, args.prompt:] == b[0, args.prompt:]).cumprod(0).sum())
+    agree = lambda x: int((x[0, args.prompt:] == b[0, args.prompt:]).cumprod(0).sum())
     print(f"{args.model} (vocab {args.vocab}, {ours.num_params() / 1e6:.1f}M params), batch 1, prompt {args.prompt}, "
           f"{args.new} new tokens, {torch.get_num_threads()} threads; greedy tokens identical for the first "
-          f"{same}/{args.new}")
+          f"{agree(a)}/{args.new}")
     impls = {"smollm": run_ours, "transformers": run_hf}
+    if not args.no_compile:
+        t0 = time.perf_counter()
+        c = run_compiled()
+        print(f"compile=True: first call (compiling) {time.perf_counter() - t0:.1f} s; greedy tokens identical to "
+              f"transformers' for the first {agree(c)}/{args.new}")
+        impls = {"smollm": run_ours, "smollm compiled": run_compiled, "transformers": run_hf}
     times = {k: [] for k in impls}
     for _ in range(args.reps):
         for name, fn in impls.items():

@@ -11,11 +11,14 @@ from .kernels import attention, attention_ref
 from .norms import RMSNorm
 
 # %% auto #0
-__all__ = ['BACKENDS', 'KVCache', 'visible_keys', 'padding_bias', 'attend', 'Attention', 'LatentCache', 'MLA']
+__all__ = ['BACKENDS', 'KVCache', 'StaticKVCache', 'visible', 'visible_keys', 'padding_bias', 'attend', 'Attention',
+           'LatentCache', 'MLA']
 
 # %% ../nbs/03_attention.ipynb #a174104b
 class KVCache:
     "Keys and values of the tokens seen so far, for one attention layer: k, v (B, Hkv, S, hd)."
+    key_pos = None   # the S keys returned by update hold the S positions that end at the newest token
+
     def __init__(self):
         self.k = self.v = None
 
@@ -30,14 +33,52 @@ class KVCache:
         return self.k, self.v
 
 # %% ../nbs/03_attention.ipynb #f7324652
+class StaticKVCache:
+    "Keys and values in `capacity` fixed slots, slot i for position i: shapes that never change, for compiled decoding."
+    def __init__(self, capacity: int):
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity={capacity!r} must be a positive integer (the most tokens the cache holds)")
+        self.capacity = capacity
+        self.k = self.v = None            # (B, Hkv, capacity, hd) once the first keys arrive
+        self.n = self.key_pos = None      # tokens written (a 0-dim long tensor); the slots' positions (capacity,)
+        self._written = 0                 # the same count on the host, for the overflow check in eager mode
+
+    @property
+    def length(self):
+        "Tokens written so far: a 0-dim tensor (0 before the first update)."
+        return 0 if self.n is None else self.n
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        "Write k, v (B, Hkv, T, hd) into the next T slots; return the whole buffers (B, Hkv, capacity, hd)."
+        T = k.shape[2]
+        if not torch.compiler.is_compiling():
+            if self._written + T > self.capacity:
+                raise ValueError(f"StaticKVCache is full: {self._written} tokens + {T} new > capacity={self.capacity}; "
+                                 "make a cache with a larger capacity")
+            self._written += T
+        if self.k is None:
+            self.k = k.new_zeros(*k.shape[:2], self.capacity, k.shape[3])
+            self.v = v.new_zeros(*v.shape[:2], self.capacity, v.shape[3])
+            self.n = torch.zeros((), dtype=torch.long, device=k.device)
+            self.key_pos = torch.arange(self.capacity, device=k.device)
+        slots = self.n + torch.arange(T, device=k.device)
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        self.n += T
+        return self.k, self.v
+
+# %% ../nbs/03_attention.ipynb #fa0a24ec
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    "(T, S) bool: may the query at q_pos[i] see the key at k_pos[j]? Causal, and within the last `window` if set."
+    q_pos, k_pos = q_pos[:, None], k_pos[None, :]
+    vis = k_pos <= q_pos
+    if window is not None:
+        vis &= k_pos > q_pos - window
+    return vis
+
 def visible_keys(T: int, S: int, window: int | None = None, device=None) -> torch.Tensor:
     "(T, S) bool: may query i (at position S - T + i) see key j? Causal, and within the last `window` keys if set."
-    qpos = torch.arange(S - T, S, device=device)[:, None]
-    kpos = torch.arange(S, device=device)[None, :]
-    vis = kpos <= qpos
-    if window is not None:
-        vis &= kpos > qpos - window
-    return vis
+    return visible(torch.arange(S - T, S, device=device), torch.arange(S, device=device), window)
 
 def padding_bias(key_mask: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     "Add -inf at hidden keys of key_mask (B, S) to a score bias (H, T, S) or None -> (B, 1 or H, 1 or T, S)."
@@ -49,26 +90,43 @@ def padding_bias(key_mask: torch.Tensor, bias: torch.Tensor | None = None) -> to
 BACKENDS = ("sdpa", "eager", "triton")
 
 def attend(q, k, v, positional, pos, window=None, softcap=None, sinks=None, key_mask=None,
-           backend="sdpa", impl="auto") -> torch.Tensor:
+           backend="sdpa", impl="auto", key_pos=None) -> torch.Tensor:
     """Causal attention of queries q (B, Hq, T, D) at positions pos (T,) over keys k (B, Hkv, S, D) and values
     v (B, Hkv, S, Dv) at the S positions ending at pos[-1] -> (B, Hq, T, Dv). `positional.bias` is added to the
-    scores; sinks (Hq,): one extra logit per head; key_mask (B, S) bool, False = key hidden."""
+    scores; sinks (Hq,): one extra logit per head; key_mask (B, S) bool, False = key hidden.
+    key_pos (S,): the keys' positions when they are not those S (a static cache's slots; keys after a query are hidden)."""
     B, T, S = q.shape[0], q.shape[2], k.shape[2]
     if key_mask is not None and tuple(key_mask.shape) != (B, S):
         raise ValueError(f"key_mask must have shape (batch, cached + new tokens) = {(B, S)}; "
                          f"got {tuple(key_mask.shape)}")
     if backend == "triton":
+        if key_pos is not None:
+            raise ValueError("backend='triton' needs the keys to end at the newest query, which a static cache's "
+                             "slots do not; decode with a static cache (compiled) on backend='sdpa' or 'eager'")
         return _triton(q, k, v, positional, pos, window, softcap, key_mask, impl)
-    bias = positional.bias(pos, torch.arange(S, device=q.device) + (pos[0] - (S - T)))   # (Hq, T, S) or None
+    vis = None if key_pos is None else visible(pos, key_pos, window)
+    if key_pos is None:
+        key_pos = torch.arange(S, device=q.device) + (pos[0] - (S - T))
+    bias = positional.bias(pos, key_pos)                                             # (Hq, T, S) or None
     if key_mask is not None:
         bias = padding_bias(key_mask, bias)
     if backend == "eager":
-        return attention_ref(q, k, v, causal=True, window=window, softcap=softcap, bias=bias, sinks=sinks)
-    return _sdpa(q, k, v, window, bias, sinks)
+        if vis is None:
+            return attention_ref(q, k, v, causal=True, window=window, softcap=softcap, bias=bias, sinks=sinks)
+        hide = torch.zeros(vis.shape, device=q.device).masked_fill(~vis, float("-inf"))
+        return attention_ref(q, k, v, causal=False, softcap=softcap, bias=hide if bias is None else bias + hide,
+                             sinks=sinks)
+    return _sdpa(q, k, v, window, bias, sinks, vis)
 
-def _sdpa(q, k, v, window, bias, sinks):
+def _sdpa(q, k, v, window, bias, sinks, vis=None):
+    "vis (T, S) bool: which keys each query sees, when not the causal rule for keys ending at the last query."
     (B, H, T, _), S = q.shape, k.shape[2]
     gqa = H != k.shape[1]
+    if vis is not None and bias is None and sinks is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=vis, enable_gqa=gqa)
+    if vis is not None:
+        mask = torch.zeros(T, S, device=q.device, dtype=q.dtype).masked_fill(~vis, float("-inf"))
+        return _sdpa_masked(q, k, v, mask, bias, sinks, gqa)
     if bias is None and sinks is None and window is None and T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if bias is None and sinks is None and T == 1:   # one decoding step sees every key (or the window's last ones)
@@ -77,6 +135,11 @@ def _sdpa(q, k, v, window, bias, sinks):
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     mask = torch.zeros(T, S, device=q.device, dtype=q.dtype).masked_fill(
         ~visible_keys(T, S, window, q.device), float("-inf"))
+    return _sdpa_masked(q, k, v, mask, bias, sinks, gqa)
+
+def _sdpa_masked(q, k, v, mask, bias, sinks, gqa):
+    "SDPA with an additive mask (T, S), plus a score bias and sink logits if given."
+    (B, H, T, _), S = q.shape, k.shape[2]
     if bias is not None:
         mask = mask + bias.to(q.dtype)
     if sinks is not None:
@@ -138,8 +201,9 @@ class Attention(nn.Module):
         self.gate_proj = nn.Linear(dim, n_heads * hd, bias=False) if output_gate else None
         self.sinks = nn.Parameter(torch.zeros(n_heads)) if sinks else None
 
-    def new_cache(self) -> KVCache:
-        return KVCache()
+    def new_cache(self, capacity: int | None = None) -> KVCache | StaticKVCache:
+        "An empty cache: one that grows, or with `capacity` a `StaticKVCache` (for a compiled decoding step)."
+        return KVCache() if capacity is None else StaticKVCache(capacity)
 
     def forward(self, x: torch.Tensor, positional, pos: torch.Tensor, cache: KVCache | None = None,
                 key_mask: torch.Tensor | None = None):
@@ -150,9 +214,12 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = positional.rotate(q, k, pos)
+        key_pos = None
         if cache is not None:
             k, v = cache.update(k, v)                                                # (B, Hkv, S, hd)
-        y = attend(q, k, v, positional, pos, self.window, self.softcap, self.sinks, key_mask, self.backend, self.impl)
+            key_pos = cache.key_pos
+        y = attend(q, k, v, positional, pos, self.window, self.softcap, self.sinks, key_mask, self.backend,
+                   self.impl, key_pos)
         y = y.transpose(1, 2).reshape(B, T, -1)                                      # (B, T, Hq*hd)
         if self.gate_proj is not None:
             y = y * torch.sigmoid(self.gate_proj(x))
@@ -206,7 +273,10 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(n_heads * hd, dim, bias=False)
         self.o_proj.residual_out = True
 
-    def new_cache(self) -> LatentCache:
+    def new_cache(self, capacity: int | None = None) -> LatentCache:
+        if capacity is not None:
+            raise ValueError("MLA has no static cache (capacity=...): its cache holds latents; compiled decoding "
+                             "with a static cache needs plain Attention layers")
         return LatentCache()
 
     def forward(self, x: torch.Tensor, positional, pos: torch.Tensor, cache: LatentCache | None = None,

@@ -4,13 +4,14 @@
 
 # %% ../nbs/30_generate.ipynb #b451b7d2
 from __future__ import annotations
-import argparse, sys
+import argparse, functools, sys
 from pathlib import Path
 from typing import Callable, Sequence
 import torch
 
 # %% auto #0
-__all__ = ['sample_next', 'PreallocatedKVCache', 'generate', 'load_model', 'TextStreamer', 'generate_cli', 'chat_cli']
+__all__ = ['CAPACITY_MULTIPLE', 'sample_next', 'PreallocatedKVCache', 'generate', 'load_model', 'TextStreamer', 'generate_cli',
+           'chat_cli']
 
 # %% ../nbs/30_generate.ipynb #18f1ab97
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -33,6 +34,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 # %% ../nbs/30_generate.ipynb #afea87f1
 class PreallocatedKVCache:
     "A KV cache for one attention layer with room for `capacity` tokens: update writes in place (grows if it must)."
+    key_pos = None   # the keys update returns are the latest S positions, as for KVCache
+
     def __init__(self, capacity: int):
         self.capacity, self.n = capacity, 0
         self.kbuf = self.vbuf = None   # (B, Hkv, capacity, hd)
@@ -75,17 +78,30 @@ def _check_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.
                          "ones (the prompt), ending in a one; pad prompts on the left")
     return m
 
+def _step(model, ids, cache, key_mask):
+    "One forward over ids (B, T) with the cache: the last position's logits (B, V)."
+    return model(ids, cache=cache, key_mask=key_mask)[:, -1]
+
+@functools.cache
+def _compiled_step():
+    # one compiled function for every model: dynamo treats a module's parameters as inputs, so models of the same
+    # shapes share a graph; other shapes, batch sizes or capacities compile their own
+    return torch.compile(_step, dynamic=False)
+
+CAPACITY_MULTIPLE = 64   # compile=True rounds the static cache up to this, so nearby lengths share a compiled step
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | Sequence[int] | None = None,
              use_cache: bool = True, pad_id: int | None = None, attention_mask: torch.Tensor | None = None,
              callback: Callable[[torch.Tensor], bool | None] | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, compile: bool = False) -> torch.Tensor:
     """Continue the prompts input_ids (B, T) by up to `max_new_tokens` tokens; returns (B, T + n), n <= max_new_tokens.
     temperature 0 is greedy; otherwise sampling, optionally top-k / top-p truncated, drawn with `generator`.
     eos_id: an id or ids that end a row; finished rows are filled with pad_id (default: the first eos id, else 0).
     attention_mask (B, T): 1 for prompt tokens, 0 for left padding (None: no padding).
-    callback(tokens (B,)): called with each step's new tokens; returning True stops generation."""
+    callback(tokens (B,)): called with each step's new tokens; returning True stops generation.
+    compile: decode with a static cache and a `torch.compile`d step (the first call of a shape compiles: seconds)."""
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64) or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a (B, T) integer tensor with T >= 1, got {input_ids.dtype} of shape "
                          f"{tuple(input_ids.shape)} (one prompt: ids[None])")
@@ -97,6 +113,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
         raise ValueError(f"top_k={top_k!r} must be a positive integer or None")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r} must be in (0, 1] or None")
+    if compile and not use_cache:
+        raise ValueError("compile=True compiles the cached decoding step; it needs use_cache=True")
     eos = _eos_ids(eos_id)
     pad = pad_id if pad_id is not None else (eos[0] if eos else 0)
     key_mask = None if attention_mask is None else _check_mask(attention_mask, input_ids)
@@ -106,20 +124,26 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
     was_training = model.training
     model.eval()
-    cache = None
-    if use_cache:   # plain KV caches become preallocated ones; other kinds (MLA's latent cache) stay
+    cache, step, room = None, _step, input_ids.shape[1] + max_new_tokens
+    if use_cache and compile:   # fixed shapes: static caches, and a mask over all their slots
+        capacity = -(-room // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+        cache = model.new_cache(capacity=capacity)
+        if key_mask is not None:
+            key_mask = torch.cat([key_mask, key_mask.new_ones(B, capacity - input_ids.shape[1])], dim=1)
+    elif use_cache:   # plain KV caches become preallocated ones; other kinds (MLA's latent cache) stay
         from smollm.attention import KVCache
-        room = input_ids.shape[1] + max_new_tokens
         cache = [PreallocatedKVCache(room) if type(c) is KVCache else c for c in model.new_cache()]
     out = seq = input_ids.long()     # out: what is returned; seq: what the model reads (no pad ids in it)
     step_ids = seq
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     try:
-        for _ in range(max_new_tokens):
-            if use_cache:
-                logits = model(step_ids, cache=cache, key_mask=key_mask)[:, -1]
+        for i in range(max_new_tokens):
+            if use_cache:   # the prefill (i = 0) runs eagerly: prompt lengths vary, a compiled one would recompile
+                logits = step(model, step_ids, cache, key_mask)
+                if compile and i == 0:
+                    step = _compiled_step()
             else:
-                logits = model(seq, key_mask=key_mask)[:, -1]
+                logits = _step(model, seq, None, key_mask)
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             emitted = nxt
             if eos:
@@ -129,7 +153,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
             step_ids = nxt[:, None]
             if not use_cache:
                 seq = torch.cat([seq, step_ids], dim=1)
-            if key_mask is not None:
+            if key_mask is not None and not compile:
                 key_mask = torch.cat([key_mask, key_mask.new_ones(B, 1)], dim=1)
             if callback is not None and callback(emitted) is True:
                 break

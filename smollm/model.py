@@ -94,9 +94,9 @@ class Transformer(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
-    def new_cache(self) -> list:
-        "An empty decoding cache: one entry per layer."
-        return [blk.attn.new_cache() for blk in self.layers]
+    def new_cache(self, capacity: int | None = None) -> list:
+        "An empty decoding cache, one entry per layer; with `capacity`, static caches of that many slots."
+        return [blk.attn.new_cache(capacity) for blk in self.layers]
 
     def hidden_states(self, input_ids: torch.Tensor, cache: list | None = None,
                       key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -104,7 +104,7 @@ class Transformer(nn.Module):
         key_mask (B, S), S = cached + T tokens: False marks keys no query may attend to (left padding)."""
         B, T = input_ids.shape
         start = cache[0].length if cache else 0
-        pos = torch.arange(start, start + T, device=input_ids.device)
+        pos = torch.arange(T, device=input_ids.device) + start      # start: a 0-dim tensor for a static cache
         x = self.positional.embed(self.embed(input_ids), pos)
         for i, blk in enumerate(self.layers):
             positional = self._nope if i in self.nope_layers else self.positional
