@@ -85,8 +85,9 @@ def _step(model, ids, cache, key_mask):
 @functools.cache
 def _compiled_step():
     # one compiled function for every model: dynamo treats a module's parameters as inputs, so models of the same
-    # shapes share a graph; other shapes, batch sizes or capacities compile their own
-    return torch.compile(_step, dynamic=False)
+    # shapes share a graph. A second capacity or batch size recompiles once, with that size symbolic (dynamo's
+    # automatic dynamic shapes), and later ones reuse that graph
+    return torch.compile(_step)
 
 CAPACITY_MULTIPLE = 64   # compile=True rounds the static cache up to this, so nearby lengths share a compiled step
 
@@ -221,6 +222,8 @@ def _parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow)")
+    p.add_argument("--compile", action="store_true",
+                   help="a torch.compile'd decoding step with a static cache (compiling takes seconds at first)")
     return p
 
 def _setup(args):
@@ -237,7 +240,8 @@ def _setup(args):
             eos |= set(_eos_ids(json.loads(f.read_text()).get("eos_token_id")))
     gen = torch.Generator(args.device).manual_seed(args.seed)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-              top_p=args.top_p, eos_id=sorted(eos) or None, use_cache=not args.no_cache, generator=gen)
+              top_p=args.top_p, eos_id=sorted(eos) or None, use_cache=not args.no_cache, generator=gen,
+              compile=args.compile)
     return model, tok, sorted(eos), kw
 
 def generate_cli(argv: Sequence[str] | None = None):
