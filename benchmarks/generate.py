@@ -6,6 +6,7 @@ one of the same model, so its weights are as warm in cache as in real use); the 
 tokens/s counts the new tokens of a whole `generate` call (prefill of a short prompt included).
 "smollm compiled" is `generate(..., compile=True)`: a static cache and a torch.compile'd decoding step; its
 one-off compilation is timed apart and left out of its tokens/s. `--no-compile` skips it.
+`--hf-compile` adds the like-for-like peer: transformers with a static cache and its forward torch.compile'd.
 
     .venv/bin/python benchmarks/generate.py                          # tinyllama_nano shape, vocab 8192
     .venv/bin/python benchmarks/generate.py --model tinyllama_120m --vocab 32000 --new 64
@@ -29,6 +30,8 @@ def main():
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--no-compile", action="store_true", help="leave out the compiled decoding step")
+    p.add_argument("--hf-compile", action="store_true",
+                   help="add transformers with cache_implementation='static' and a torch.compile'd forward")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -44,7 +47,9 @@ def main():
     ours = build_model(cfg.model).eval()
     with tempfile.TemporaryDirectory() as d:
         to_hf(ours, d)
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").eval()
+        load = lambda: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").eval()
+        hf = load()
+        hf_compiled = load() if args.hf_compile else None
     ids = torch.randint(0, args.vocab, (1, args.prompt))
 
     def run_ours():
@@ -53,10 +58,10 @@ def main():
     def run_compiled():
         return generate(ours, ids, args.new, compile=True)
 
-    def run_hf():
+    def run_hf(model=hf, **kw):
         with torch.inference_mode():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
-                               min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                                  min_new_tokens=args.new, do_sample=False, pad_token_id=0, **kw)
 
     # the same greedy tokens, or the comparison means nothing (random weights: a near-tie may flip late)
     a, b = run_ours(), run_hf()
@@ -71,6 +76,14 @@ def main():
         print(f"compile=True: first call (compiling) {time.perf_counter() - t0:.1f} s; greedy tokens identical to "
               f"transformers' for the first {agree(c)}/{args.new}")
         impls = {"smollm": run_ours, "smollm compiled": run_compiled, "transformers": run_hf}
+    if hf_compiled is not None:
+        hf_compiled.forward = torch.compile(hf_compiled.forward)
+        run_hf_compiled = lambda: run_hf(hf_compiled, cache_implementation="static")
+        t0 = time.perf_counter()
+        c = run_hf_compiled()
+        print(f"transformers compiled: first call (compiling) {time.perf_counter() - t0:.1f} s; greedy tokens "
+              f"identical to eager transformers' for the first {agree(c)}/{args.new}")
+        impls["transformers compiled"] = run_hf_compiled
     times = {k: [] for k in impls}
     for _ in range(args.reps):
         for name, fn in impls.items():
