@@ -127,6 +127,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     model.eval()
     cache, step, room = None, _step, input_ids.shape[1] + max_new_tokens
     if use_cache and compile:   # fixed shapes: static caches, and a mask over all their slots
+        from smollm.positional import LearnedAbsolute
+        if isinstance(model.positional, LearnedAbsolute) and room > model.positional.max_seq_len:
+            raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {room} tokens, but the "
+                             f"learned position table has {model.positional.max_seq_len} rows (model.block_size)")
         capacity = -(-room // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
         cache = model.new_cache(capacity=capacity)
         if key_mask is not None:

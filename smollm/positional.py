@@ -298,7 +298,8 @@ class LearnedAbsolute(Positional):
         self.wpe = nn.Embedding(max_seq_len, dim)   # GPT-2's name
 
     def embed(self, x, pos):
-        if pos.numel() and (p := int(pos.max())) >= self.max_seq_len:
+        # the check reads a number off the tensor; a compiled step skips it (smollm.generate checks the length first)
+        if not torch.compiler.is_compiling() and pos.numel() and (p := int(pos.max())) >= self.max_seq_len:
             raise IndexError(f"LearnedAbsolute has rows for positions 0..{self.max_seq_len - 1} (max_seq_len="
                              f"{self.max_seq_len}) and was asked for position {p}: raise model.block_size, or "
                              "use a relative encoding (rope, alibi, t5)")
@@ -319,6 +320,6 @@ class Sinusoidal(Positional):
         self.register_buffer("pe", sinusoidal_table(torch.arange(max_seq_len), dim, base).float(), persistent=False)
 
     def embed(self, x, pos):
-        if pos.numel() and int(pos.max()) >= self.pe.shape[0]:
-            return x + sinusoidal_table(pos, self.dim, self.base).to(x.dtype)
+        if torch.compiler.is_compiling() or (pos.numel() and int(pos.max()) >= self.pe.shape[0]):
+            return x + sinusoidal_table(pos, self.dim, self.base).to(x.dtype)   # any position, no table lookup
         return x + self.pe[pos].to(x.dtype)

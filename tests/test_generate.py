@@ -159,11 +159,13 @@ def test_static_cache_errors():
         c.update(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8))
     with pytest.raises(ValueError, match="MLA has no static cache"):
         generate(tiny("model/attention=mla"), torch.randint(0, V, (1, 3)), 2, compile=True)
+    with pytest.raises(ValueError, match=r"= 70 tokens, but the learned position table has 64 rows"):
+        generate(tiny("model/positional=learned"), torch.randint(0, V, (1, 6)), 64, compile=True)
     with pytest.raises(ValueError, match="compile=True .* needs use_cache=True"):
         generate(tiny(), torch.randint(0, V, (1, 3)), 2, compile=True, use_cache=False)
 
 
-@pytest.mark.parametrize("variant", ["gqa", "window_pattern"])
+@pytest.mark.parametrize("variant", ["gqa", "window_pattern", "alibi"])
 def test_compiled_generate_equals_eager(variant):
     "compile=True (static cache, torch.compile'd step) decodes a left-padded batch token for token as eager does."
     from torch._dynamo.utils import counters
