@@ -179,6 +179,12 @@ def test_compiled_generate_equals_eager(variant):
     assert torch.equal(generate(model, ids, new, attention_mask=mask, compile=True), eager)
     assert counters["stats"]["calls_captured"] > 0   # dynamo really traced the step (not a silent eager fallback)
     assert torch.equal(generate(model, ids[1:], new, compile=True), eager[1:])   # no padding: key_mask None
+    with torch.no_grad():                          # trained further: the compiled step reads the new weights
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    retrained = generate(model, ids, new, attention_mask=mask)
+    assert not torch.equal(retrained, eager)
+    assert torch.equal(generate(model, ids, new, attention_mask=mask, compile=True), retrained)
 
 
 def test_preallocated_cache_grows():
