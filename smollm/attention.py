@@ -12,7 +12,7 @@ from .norms import RMSNorm
 
 # %% auto #0
 __all__ = ['BACKENDS', 'KVCache', 'StaticKVCache', 'visible', 'visible_keys', 'padding_bias', 'attend', 'Attention',
-           'LatentCache', 'MLA']
+           'LatentCache', 'StaticLatentCache', 'MLA']
 
 # %% ../nbs/03_attention.ipynb #a174104b
 class KVCache:
@@ -48,23 +48,28 @@ class StaticKVCache:
         "Tokens written so far: a 0-dim tensor (0 before the first update)."
         return 0 if self.n is None else self.n
 
-    def update(self, k: torch.Tensor, v: torch.Tensor):
-        "Write k, v (B, Hkv, T, hd) into the next T slots; return the whole buffers (B, Hkv, capacity, hd)."
-        T = k.shape[2]
+    def _next_slots(self, T: int, device) -> torch.Tensor:
+        "The next T slots (T,), after checking that they exist; advances the count."
         if not torch.compiler.is_compiling():
             if self._written + T > self.capacity:
-                raise ValueError(f"StaticKVCache is full: {self._written} tokens + {T} new > capacity={self.capacity}; "
-                                 "make a cache with a larger capacity")
+                raise ValueError(f"{type(self).__name__} is full: {self._written} tokens + {T} new > "
+                                 f"capacity={self.capacity}; make a cache with a larger capacity")
             self._written += T
+        if self.n is None:
+            self.n = torch.zeros((), dtype=torch.long, device=device)
+            self.key_pos = torch.arange(self.capacity, device=device)
+        slots = self.n + torch.arange(T, device=device)
+        self.n += T
+        return slots
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        "Write k, v (B, Hkv, T, hd) into the next T slots; return the whole buffers (B, Hkv, capacity, hd)."
+        slots = self._next_slots(k.shape[2], k.device)
         if self.k is None:
             self.k = k.new_zeros(*k.shape[:2], self.capacity, k.shape[3])
             self.v = v.new_zeros(*v.shape[:2], self.capacity, v.shape[3])
-            self.n = torch.zeros((), dtype=torch.long, device=k.device)
-            self.key_pos = torch.arange(self.capacity, device=k.device)
-        slots = self.n + torch.arange(T, device=k.device)
         self.k.index_copy_(2, slots, k)
         self.v.index_copy_(2, slots, v)
-        self.n += T
         return self.k, self.v
 
 # %% ../nbs/03_attention.ipynb #fa0a24ec
@@ -228,6 +233,8 @@ class Attention(nn.Module):
 # %% ../nbs/03_attention.ipynb #79e0707b
 class LatentCache:
     "MLA's per-layer cache: each token's normed latent and rotated shared key, (B, S, kv_lora_rank + rope dim)."
+    key_pos = None
+
     def __init__(self):
         self.latent = None
 
@@ -238,6 +245,18 @@ class LatentCache:
     def update(self, latent: torch.Tensor) -> torch.Tensor:
         "Append latent (B, T, r); return all so far (B, S, r)."
         self.latent = latent if self.latent is None else torch.cat([self.latent, latent], dim=1)
+        return self.latent
+
+class StaticLatentCache(StaticKVCache):
+    "MLA's cache in `capacity` fixed slots (B, capacity, r), for compiled decoding; the slot bookkeeping of StaticKVCache."
+    latent = None
+
+    def update(self, latent: torch.Tensor) -> torch.Tensor:
+        "Write latent (B, T, r) into the next T slots; return the whole buffer (B, capacity, r)."
+        slots = self._next_slots(latent.shape[1], latent.device)
+        if self.latent is None:
+            self.latent = latent.new_zeros(latent.shape[0], self.capacity, latent.shape[2])
+        self.latent.index_copy_(1, slots, latent)
         return self.latent
 
 # %% ../nbs/03_attention.ipynb #3e0948dd
@@ -273,11 +292,9 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(n_heads * hd, dim, bias=False)
         self.o_proj.residual_out = True
 
-    def new_cache(self, capacity: int | None = None) -> LatentCache:
-        if capacity is not None:
-            raise ValueError("MLA has no static cache (capacity=...): its cache holds latents; compiled decoding "
-                             "with a static cache needs plain Attention layers")
-        return LatentCache()
+    def new_cache(self, capacity: int | None = None) -> LatentCache | StaticLatentCache:
+        "An empty cache of latents: one that grows, or with `capacity` a static one (for a compiled decoding step)."
+        return LatentCache() if capacity is None else StaticLatentCache(capacity)
 
     def forward(self, x: torch.Tensor, positional, pos: torch.Tensor, cache: LatentCache | None = None,
                 key_mask: torch.Tensor | None = None):
@@ -288,12 +305,15 @@ class MLA(nn.Module):
         c, k_rope = self.kv_a_proj_with_mqa(x).split([r, rd], -1)                    # (B, T, r), (B, T, rd)
         q_rope, k_rope = positional.rotate(q_rope, k_rope[:, None], pos)            # the rotary key: one head
         latent = torch.cat([self.kv_a_layernorm(c), k_rope[:, 0]], -1)              # (B, T, r + rd): what is cached
+        key_pos = None
         if cache is not None:
             latent = cache.update(latent)                                            # (B, S, r + rd)
+            key_pos = cache.key_pos
         S = latent.shape[1]
         c, k_rope = latent.split([r, rd], -1)
         k, v = self.kv_b_proj(c).view(B, S, H, 2 * hd).transpose(1, 2).split([hd, hd], -1)   # (B, H, S, hd) each
         q = torch.cat([q, q_rope], -1)                                               # (B, H, T, hd + rd)
         k = torch.cat([k, k_rope[:, None].expand(B, H, S, rd)], -1)                  # (B, H, S, hd + rd)
-        y = attend(q, k, v, positional, pos, self.window, self.softcap, None, key_mask, self.backend, self.impl)
+        y = attend(q, k, v, positional, pos, self.window, self.softcap, None, key_mask, self.backend, self.impl,
+                   key_pos)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))

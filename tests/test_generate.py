@@ -138,14 +138,14 @@ def test_bad_input():
 
 # --- the static cache and the compiled decoding step
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if v != "mla"] + ["eager"])
+@pytest.mark.parametrize("variant", list(VARIANTS) + ["eager"])
 def test_static_cache_equals_full_forward(variant):
     model = tiny(*(VARIANTS.get(variant) or ["model.attention.backend=eager"]))
     ids = torch.randint(0, V, (2, 13))
     cache = model.new_cache(capacity=16)          # 3 slots never written: the mask must hide them
     with torch.no_grad():
         steps = [model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(5, 13)]
-        assert int(cache[0].length) == 13 and cache[0].k.shape[2] == 16
+        assert int(cache[0].length) == 13
         torch.testing.assert_close(torch.cat(steps, 1), model(ids), rtol=1e-5, atol=1e-5)
 
 
@@ -157,15 +157,13 @@ def test_static_cache_errors():
     c.update(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8))
     with pytest.raises(ValueError, match=r"3 tokens \+ 2 new > capacity=4"):
         c.update(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8))
-    with pytest.raises(ValueError, match="MLA has no static cache"):
-        generate(tiny("model/attention=mla"), torch.randint(0, V, (1, 3)), 2, compile=True)
     with pytest.raises(ValueError, match=r"= 70 tokens, but the learned position table has 64 rows"):
         generate(tiny("model/positional=learned"), torch.randint(0, V, (1, 6)), 64, compile=True)
     with pytest.raises(ValueError, match="compile=True .* needs use_cache=True"):
         generate(tiny(), torch.randint(0, V, (1, 3)), 2, compile=True, use_cache=False)
 
 
-@pytest.mark.parametrize("variant", ["gqa", "window_pattern", "alibi"])
+@pytest.mark.parametrize("variant", ["gqa", "window_pattern", "alibi", "mla"])
 def test_compiled_generate_equals_eager(variant):
     "compile=True (static cache, torch.compile'd step) decodes a left-padded batch token for token as eager does."
     from torch._dynamo.utils import counters
