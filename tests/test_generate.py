@@ -235,9 +235,11 @@ def test_chat_cli(checkpoint, monkeypatch, capsys):
         gen = generate(model, ids, 10, eos_id=2)[0, ids.shape[1]:].tolist()
         replies.append(tok.decode(gen[:gen.index(2)] if 2 in gen else gen))
         messages.append({"role": "assistant", "content": replies[-1].strip()})
-    out = run_cli(chat_cli, [str(checkpoint), "--system", "You are nice.", "--max-new-tokens", "10"],
-                  "\n".join(turns) + "\n", monkeypatch, capsys)
+    argv = [str(checkpoint), "--system", "You are nice.", "--max-new-tokens", "10"]
+    out = run_cli(chat_cli, argv, "\n".join(turns) + "\n", monkeypatch, capsys)
     assert out == "".join(r + "\n" for r in replies)
+    # --compile: static caches and the compiled step; the second turn is longer, so its capacity may differ
+    assert run_cli(chat_cli, argv + ["--compile"], "\n".join(turns) + "\n", monkeypatch, capsys) == out
 
 
 def test_load_model_errors(tmp_path):
