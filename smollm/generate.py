@@ -179,8 +179,12 @@ def load_model(path, dtype: torch.dtype | None = None):
         from smollm.train import load_run   # its latest checkpoint; the run folder also holds tokenizer.json
         model, _ = load_run(path)
         return model if dtype is None else model.to(dtype)
+    hint = ""
+    if not path.exists() and len(path.parts) == 2 and not str(path).startswith((".", "/")):
+        hint = (f"; if {path} is a Hugging Face Hub id, smollm does not download: fetch it first with "
+                f"`huggingface-cli download {path} --local-dir {path.name}` and pass that folder")
     raise FileNotFoundError(f"{path} is not a checkpoint: expected a Hugging Face folder with config.json, or a "
-                            "smollm-train run folder with config.yaml and checkpoints/")
+                            f"smollm-train run folder with config.yaml and checkpoints/{hint}")
 
 class TextStreamer:
     "A `generate` callback for batch 1 that prints the decoded text of the new tokens as it grows."
@@ -230,13 +234,16 @@ def _parser(description: str) -> argparse.ArgumentParser:
                    help="a torch.compile'd decoding step with a static cache (compiling takes seconds at first)")
     return p
 
-def _setup(args):
+def _setup(args, prog: str):
     "Model, tokenizer, end-of-sequence ids and the generate keyword arguments of parsed CLI args."
     import json
     from smollm.hf import load_tokenizer
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = load_model(args.checkpoint, dtype).to(args.device)
-    tok = load_tokenizer(args.tokenizer or args.checkpoint)
+    try:   # a bad folder is the user's input, not a bug: one line naming it, no traceback
+        model = load_model(args.checkpoint, dtype).to(args.device)
+        tok = load_tokenizer(args.tokenizer or args.checkpoint)
+    except (FileNotFoundError, ValueError) as e:   # CheckpointError and ConfigError are ValueErrors
+        raise SystemExit(f"{prog}: {type(e).__name__}: {e}") from None
     eos = set(_eos_ids(tok.eos_id))
     for name in ("generation_config.json", "config.json"):   # Llama 3 lists several end tokens here
         f = Path(args.checkpoint) / name
@@ -253,9 +260,12 @@ def generate_cli(argv: Sequence[str] | None = None):
     p = _parser("Continue a prompt with a language model, streaming the text.")
     p.add_argument("--prompt", help="the text to continue (default: read stdin)")
     args = p.parse_args(argv)
-    model, tok, eos, kw = _setup(args)
+    model, tok, eos, kw = _setup(args, "smollm-generate")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    ids = torch.tensor([tok.encode(prompt)], device=args.device)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise SystemExit("smollm-generate: the prompt encodes to no tokens; give some text with --prompt or on stdin")
+    ids = torch.tensor([ids], device=args.device)
     streamer = TextStreamer(tok, eos)
     sys.stdout.write(prompt)
     generate(model, ids, callback=streamer, **kw)
@@ -266,7 +276,7 @@ def chat_cli(argv: Sequence[str] | None = None):
     p = _parser("Chat with a language model through its tokenizer's chat template; an empty line or EOF ends.")
     p.add_argument("--system", help="a system message to start the conversation with")
     args = p.parse_args(argv)
-    model, tok, eos, kw = _setup(args)
+    model, tok, eos, kw = _setup(args, "smollm-chat")
     if not tok.chat_template:
         raise SystemExit(f"{args.tokenizer or args.checkpoint} has no chat template (tokenizer_config.json "
                          "chat_template or chat_template.jinja); use smollm-generate for plain text")

@@ -469,11 +469,20 @@ def load_tokenizer(path) -> HFTokenizer:
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"no tokenizer.json in {path}: smollm reads tokenizers in the `tokenizers` library's "
                               "format (a sentencepiece tokenizer.model alone is not supported)")
-    tc = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").is_file() else {}
+    tc = {}
+    if (path / "tokenizer_config.json").is_file():
+        try:
+            tc = json.loads((path / "tokenizer_config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path / 'tokenizer_config.json'} is not valid JSON: {e}") from None
     template = tc.get("chat_template")
     if isinstance(template, list):   # several named templates: the default one
         template = {t["name"]: t["template"] for t in template}.get("default")
     if (path / "chat_template.jinja").is_file():
         template = (path / "chat_template.jinja").read_text()
     special = {k: _token(tc[k]) for k in ("bos_token", "eos_token", "pad_token", "unk_token") if tc.get(k)}
-    return HFTokenizer(Tokenizer.from_file(str(path / "tokenizer.json")), template, special)
+    try:
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:   # tokenizers raises a bare Exception for a file it cannot parse
+        raise CheckpointError(f"{path / 'tokenizer.json'} could not be read by the tokenizers library: {e}") from None
+    return HFTokenizer(tokenizer, template, special)

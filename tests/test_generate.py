@@ -248,3 +248,18 @@ def test_load_model_errors(tmp_path):
         load_model(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
         load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download TinyLlama/TinyLlama-1.1B-Chat-v1.0"):
+        load_model("TinyLlama/TinyLlama-1.1B-Chat-v1.0")
+
+
+def test_cli_bad_input(checkpoint, tmp_path, monkeypatch, capsys):
+    "A bad folder or an empty prompt ends the command with one line that names it (SystemExit), no traceback."
+    for fn, name in ((generate_cli, "smollm-generate"), (chat_cli, "smollm-chat")):
+        with pytest.raises(SystemExit, match=f"^{name}: FileNotFoundError: {tmp_path / 'nope'} is not a checkpoint"):
+            run_cli(fn, [str(tmp_path / "nope"), "--prompt", "hi"] if fn is generate_cli else [str(tmp_path / "nope")],
+                    "", monkeypatch, capsys)
+    with pytest.raises(SystemExit, match="^smollm-generate: the prompt encodes to no tokens"):
+        run_cli(generate_cli, [str(checkpoint)], "", monkeypatch, capsys)          # nothing on stdin
+    (checkpoint / "tokenizer.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="^smollm-generate: CheckpointError: .*tokenizer.json could not be read"):
+        run_cli(generate_cli, [str(checkpoint), "--prompt", "hi"], "", monkeypatch, capsys)

@@ -303,3 +303,10 @@ def test_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}])
     (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")   # the newer file wins
     assert load_tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "hi"}]) == "hi"
+    (tmp_path / "tokenizer_config.json").write_text("{'bos_token': 1")
+    with pytest.raises(CheckpointError, match="tokenizer_config.json is not valid JSON"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="tokenizer.json could not be read by the tokenizers library"):
+        load_tokenizer(tmp_path)
