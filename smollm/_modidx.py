@@ -162,6 +162,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'smollm.hf._hf_rope_params': ('hf.html#_hf_rope_params', 'smollm/hf.py'),
                            'smollm.hf._hf_window': ('hf.html#_hf_window', 'smollm/hf.py'),
                            'smollm.hf._hydra': ('hf.html#_hydra', 'smollm/hf.py'),
+                           'smollm.hf._read_json': ('hf.html#_read_json', 'smollm/hf.py'),
                            'smollm.hf._rebuild_positional': ('hf.html#_rebuild_positional', 'smollm/hf.py'),
                            'smollm.hf._rename': ('hf.html#_rename', 'smollm/hf.py'),
                            'smollm.hf._safetensors_header': ('hf.html#_safetensors_header', 'smollm/hf.py'),

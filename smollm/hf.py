@@ -30,7 +30,14 @@ def read_hf_config(path) -> dict:
     f = path / "config.json"
     if not f.is_file():
         raise CheckpointError(f"no config.json in {path}; it holds {sorted(p.name for p in path.iterdir())}")
-    return json.loads(f.read_text())
+    return _read_json(f)
+
+def _read_json(f: Path):
+    "The parsed JSON file `f`, or a CheckpointError that names it."
+    try:
+        return json.loads(f.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{f} is not valid JSON: {e}") from None
 
 def _hf_dtype(cfg: dict) -> torch.dtype | None:
     "The dtype named by config.json (`dtype` in 5.x, `torch_dtype` in 4.x), if it is a floating-point one."
@@ -166,6 +173,9 @@ def _safetensors_header(f: Path) -> tuple[dict, int]:
     "The tensor entries {name: {dtype, shape, data_offsets}} of a .safetensors file, and where its data starts."
     with open(f, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
+        if n > f.stat().st_size - 8:   # garbage, or not safetensors at all: do not try to read n bytes
+            raise CheckpointError(f"{f} is not a safetensors file: its first 8 bytes announce a {n}-byte header "
+                                  f"in a file of {f.stat().st_size} bytes")
         try:
             header = json.loads(fh.read(n))
         except (ValueError, UnicodeDecodeError) as e:
@@ -184,7 +194,11 @@ class _Weights:
                 src = {k: (f, base, e) for k, e in header.items()}
                 shapes = {k: tuple(e["shape"]) for k, e in header.items()}
             else:
-                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:   # a zip, pickle or mmap error, depending on how the file is broken
+                    raise CheckpointError(f"{f} could not be read by torch.load (weights_only, mmap): "
+                                          f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
                 src, shapes = {k: (f, None, sd) for k in sd}, {k: tuple(t.shape) for k, t in sd.items()}
             for k in shapes:
                 if k in self.shapes:
@@ -196,7 +210,7 @@ class _Weights:
     def _files(path: Path) -> list[Path]:
         for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             if (path / index).is_file():
-                shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+                shards = sorted(set(_read_json(path / index)["weight_map"].values()))
                 absent = [s for s in shards if not (path / s).is_file()]
                 if absent:
                     raise CheckpointError(f"{path / index} lists shards that are not in the folder: {absent}")
@@ -471,10 +485,7 @@ def load_tokenizer(path) -> HFTokenizer:
                               "format (a sentencepiece tokenizer.model alone is not supported)")
     tc = {}
     if (path / "tokenizer_config.json").is_file():
-        try:
-            tc = json.loads((path / "tokenizer_config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path / 'tokenizer_config.json'} is not valid JSON: {e}") from None
+        tc = _read_json(path / "tokenizer_config.json")
     template = tc.get("chat_template")
     if isinstance(template, list):   # several named templates: the default one
         template = {t["name"]: t["template"] for t in template}.get("default")

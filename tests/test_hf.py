@@ -218,6 +218,27 @@ def test_missing_shard(tmp_path):
         from_hf(tmp_path / "sharded")
 
 
+def test_corrupt_files(llama_dir):
+    "Files that are there but broken: each raises a CheckpointError naming the file, never a raw parser error."
+    st, cfg = llama_dir / "model.safetensors", llama_dir / "config.json"
+    good, good_cfg = st.read_bytes(), cfg.read_text()
+    st.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="model.safetensors is not a safetensors file: its first 8 bytes"):
+        from_hf(llama_dir)
+    st.write_bytes(good[:len(good) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated: tensor"):
+        from_hf(llama_dir)
+    st.write_bytes(good)
+    cfg.write_text(good_cfg[:-10])
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        from_hf(llama_dir)
+    cfg.write_text(good_cfg)
+    st.unlink()
+    (llama_dir / "pytorch_model.bin").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin could not be read by torch.load"):
+        from_hf(llama_dir)
+
+
 def test_unknown_model_type(llama_dir):
     cfg = json.loads((llama_dir / "config.json").read_text())
     (llama_dir / "config.json").write_text(json.dumps(cfg | {"model_type": "gpt_neox"}))
