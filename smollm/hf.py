@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_hf.ipynb #323ff4af
 from __future__ import annotations
-import json, re
+import json, os, re
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -426,8 +426,16 @@ def to_hf(model, path, **config) -> Path:
     from safetensors.torch import save_file
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    # written under temporary names, then renamed: an interrupted export leaves the old files (or none), never half
+    tmp_st, tmp_cfg = path / ".model.safetensors.tmp", path / ".config.json.tmp"
+    try:
+        save_file(tensors, str(tmp_st), metadata={"format": "pt"})
+        tmp_cfg.write_text(json.dumps(cfg, indent=2) + "\n")
+        os.replace(tmp_st, path / "model.safetensors")
+        os.replace(tmp_cfg, path / "config.json")
+    finally:
+        tmp_st.unlink(missing_ok=True)
+        tmp_cfg.unlink(missing_ok=True)
     return path
 
 # %% ../nbs/31_hf.ipynb #c76b1d32

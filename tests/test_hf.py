@@ -154,6 +154,25 @@ def test_to_hf_round_trip(tmp_path, case):
     assert_same_logits(from_hf(tmp_path), hf)   # and back into smollm
 
 
+def test_to_hf_interrupted(tmp_path, monkeypatch):
+    "An export that fails half-way leaves the folder's previous checkpoint whole."
+    import safetensors.torch
+    first = build_model(compose(BASE).model).eval()
+    to_hf(first, tmp_path)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+
+    def half_written(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    torch.manual_seed(1)
+    with pytest.raises(OSError, match="disk full"):
+        to_hf(build_model(compose(BASE).model), tmp_path)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before    # no temporary file left either
+    assert_same_logits(first, AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval())
+
+
 def test_overwrite_in_place(tmp_path):
     "from_hf's parameters own their memory: writing back into the folder they came from is safe."
     hf = hf_checkpoint(tmp_path, LlamaForCausalLM, LlamaConfig, num_key_value_heads=2)
