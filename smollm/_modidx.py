@@ -132,6 +132,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'smollm.generate.TextStreamer._emit': ('generate.html#textstreamer._emit', 'smollm/generate.py'),
                                  'smollm.generate.TextStreamer.end': ('generate.html#textstreamer.end', 'smollm/generate.py'),
                                  'smollm.generate._check_mask': ('generate.html#_check_mask', 'smollm/generate.py'),
+                                 'smollm.generate._check_options': ('generate.html#_check_options', 'smollm/generate.py'),
                                  'smollm.generate._compiled_step': ('generate.html#_compiled_step', 'smollm/generate.py'),
                                  'smollm.generate._eos_ids': ('generate.html#_eos_ids', 'smollm/generate.py'),
                                  'smollm.generate._parser': ('generate.html#_parser', 'smollm/generate.py'),

@@ -91,6 +91,18 @@ def _compiled_step():
 
 CAPACITY_MULTIPLE = 64   # compile=True rounds the static cache up to this, so nearby lengths share a compiled step
 
+def _check_options(max_new_tokens, temperature, top_k, top_p, use_cache, compile):
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature!r} must be >= 0 (0: greedy)")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k!r} must be a positive integer or None")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1] or None")
+    if compile and not use_cache:
+        raise ValueError("compile=True compiles the cached decoding step; it needs use_cache=True")
+
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | Sequence[int] | None = None,
@@ -106,16 +118,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64) or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a (B, T) integer tensor with T >= 1, got {input_ids.dtype} of shape "
                          f"{tuple(input_ids.shape)} (one prompt: ids[None])")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature!r} must be >= 0 (0: greedy)")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k={top_k!r} must be a positive integer or None")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1] or None")
-    if compile and not use_cache:
-        raise ValueError("compile=True compiles the cached decoding step; it needs use_cache=True")
+    V = getattr(model, "vocab_size", None)
+    if V is not None and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
+        bad = sorted({int(t) for t in input_ids.flatten() if not 0 <= int(t) < V})
+        raise ValueError(f"input_ids hold token ids {bad[:10]}{' ...' if len(bad) > 10 else ''} outside the model's "
+                         f"vocabulary 0..{V - 1} (a tokenizer for another model? padding with -1 or -100? pad "
+                         "with a real id and pass attention_mask)")
+    _check_options(max_new_tokens, temperature, top_k, top_p, use_cache, compile)
     eos = _eos_ids(eos_id)
     pad = pad_id if pad_id is not None else (eos[0] if eos else 0)
     key_mask = None if attention_mask is None else _check_mask(attention_mask, input_ids)
@@ -239,7 +248,8 @@ def _setup(args, prog: str):
     import json
     from smollm.hf import load_tokenizer
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    try:   # a bad folder is the user's input, not a bug: one line naming it, no traceback
+    try:   # bad options and bad folders are the user's input, not bugs: one line naming them, no traceback
+        _check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, not args.no_cache, args.compile)
         model = load_model(args.checkpoint, dtype).to(args.device)
         tok = load_tokenizer(args.tokenizer or args.checkpoint)
     except (FileNotFoundError, ValueError) as e:   # CheckpointError and ConfigError are ValueErrors

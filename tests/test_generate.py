@@ -134,6 +134,8 @@ def test_bad_input():
         generate(model, ids[0], 3)
     with pytest.raises(ValueError, match="max_new_tokens=-1"):
         generate(model, ids, -1)
+    with pytest.raises(ValueError, match=r"token ids \[-100, 128\] outside the model's vocabulary 0..127"):
+        generate(model, torch.tensor([[-100, 3, 128]]), 3)
 
 
 # --- the static cache and the compiled decoding step
@@ -258,6 +260,10 @@ def test_cli_bad_input(checkpoint, tmp_path, monkeypatch, capsys):
         with pytest.raises(SystemExit, match=f"^{name}: FileNotFoundError: {tmp_path / 'nope'} is not a checkpoint"):
             run_cli(fn, [str(tmp_path / "nope"), "--prompt", "hi"] if fn is generate_cli else [str(tmp_path / "nope")],
                     "", monkeypatch, capsys)
+    with pytest.raises(SystemExit, match="^smollm-chat: ValueError: top_p=1.5 must be in"):
+        run_cli(chat_cli, [str(checkpoint), "--top-p", "1.5"], "hi\n", monkeypatch, capsys)
+    with pytest.raises(SystemExit, match="^smollm-generate: ValueError: compile=True .* needs use_cache=True"):
+        run_cli(generate_cli, [str(checkpoint), "--prompt", "hi", "--compile", "--no-cache"], "", monkeypatch, capsys)
     with pytest.raises(SystemExit, match="^smollm-generate: the prompt encodes to no tokens"):
         run_cli(generate_cli, [str(checkpoint)], "", monkeypatch, capsys)          # nothing on stdin
     (checkpoint / "tokenizer.json").write_text("{not json")
