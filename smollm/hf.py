@@ -275,9 +275,15 @@ def _rebuild_positional(model: nn.Module, mcfg) -> None:
 
 def from_hf(path, dtype: torch.dtype | None = None):
     """Load the Hugging Face checkpoint folder `path` (Llama, Mistral or Qwen2) as a smollm `Transformer`, in eval mode.
-    dtype: the parameters' dtype; None keeps config.json's `dtype`/`torch_dtype` (else the stored tensors')."""
+    dtype: the parameters' dtype (a torch.dtype or its name, "bfloat16"); None keeps config.json's
+    `dtype`/`torch_dtype` (else the stored tensors')."""
     from smollm.config import compose
     from smollm.model import build_model
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
+            raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; use e.g. 'float32', 'bfloat16', "
+                             "'float16'")
+        dtype = getattr(torch, dtype)
     path = Path(path)
     cfg = read_hf_config(path)
     mcfg = compose(hf_overrides(cfg)).model

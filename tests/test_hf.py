@@ -237,6 +237,14 @@ def test_missing_shard(tmp_path):
         from_hf(tmp_path / "sharded")
 
 
+def test_dtype_by_name(llama_dir):
+    assert from_hf(llama_dir, dtype="bfloat16").lm_head.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype='int8' is not a floating-point torch dtype"):
+        from_hf(llama_dir, dtype="int8")
+    with pytest.raises(ValueError, match="dtype='bf16' is not"):
+        from_hf(llama_dir, dtype="bf16")
+
+
 def test_corrupt_files(llama_dir):
     "Files that are there but broken: each raises a CheckpointError naming the file, never a raw parser error."
     st, cfg = llama_dir / "model.safetensors", llama_dir / "config.json"
