@@ -85,8 +85,8 @@ def _step(model, ids, cache, key_mask):
 @functools.cache
 def _compiled_step():
     # one compiled function for every model: dynamo treats a module's parameters as inputs, so models of the same
-    # shapes share a graph. A second capacity or batch size recompiles once, with that size symbolic (dynamo's
-    # automatic dynamic shapes), and later ones reuse that graph
+    # shapes share a graph. A new capacity or batch size recompiles with that size symbolic (dynamo's automatic
+    # dynamic shapes), so most later sizes reuse a graph: five prompt/length pairs gave three graphs
     return torch.compile(_step)
 
 CAPACITY_MULTIPLE = 64   # compile=True rounds the static cache up to this, so nearby lengths share a compiled step
