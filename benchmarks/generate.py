@@ -40,7 +40,7 @@ def main():
     from smollm.config import compose
     from smollm.generate import generate
     from smollm.hf import to_hf
-    from smollm.model import build_model
+    from smollm.config import build_model
 
     torch.manual_seed(0)
     cfg = compose([f"model={args.model}", f"data.vocab_size={args.vocab}", "model.kernels=torch"])

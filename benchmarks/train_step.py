@@ -31,7 +31,7 @@ def main():
     from transformers import AutoModelForCausalLM
     from smollm.config import compose
     from smollm.hf import to_hf
-    from smollm.model import build_model
+    from smollm.config import build_model
 
     torch.manual_seed(0)
     cfg = compose(["model=tinyllama_nano", "data.vocab_size=8192", "model.kernels=torch"])

@@ -9,7 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 # %% auto #0
-__all__ = ['ConfigError', 'conf_dir', 'options', 'validate', 'compose']
+__all__ = ['LAYER_KINDS', 'ConfigError', 'conf_dir', 'options', 'build_model', 'validate', 'compose']
 
 # %% ../nbs/06_config.ipynb #70b804cc
 class ConfigError(ValueError):
@@ -27,6 +27,43 @@ def options(group: str) -> list[str]:
     "The options of a config group, e.g. options('model/norm') -> ['dyt', 'layernorm', ...]."
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
+# %% ../nbs/06_config.ipynb #5f25fb6c
+LAYER_KINDS = {"G": "global attention", "S": "sliding-window attention", "N": "global attention without positions"}
+
+def _resolve(cfg) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+def build_model(cfg) -> Transformer:
+    "Build a `Transformer` from the `model:` section of a composed config (a DictConfig or a plain dict)."
+    from functools import partial
+    from hydra.utils import instantiate
+    from smollm.mlp import hidden_size
+    from smollm.model import Block, Transformer
+    cfg = _resolve(cfg)
+    dim, n_layers, n_heads = cfg["dim"], cfg["n_layers"], cfg["n_heads"]
+    head_dim = cfg.get("head_dim") or dim // n_heads
+    norm = instantiate(cfg["norm"])
+    attention = instantiate(cfg["attention"])
+    mlp = instantiate(cfg["mlp"])
+    positional = instantiate(cfg["positional"])(dim=dim, n_heads=n_heads, head_dim=head_dim,
+                                                max_seq_len=cfg["block_size"])
+    hidden = hidden_size(getattr(mlp, "func", mlp), dim, cfg.get("mlp_hidden"), cfg.get("mlp_sizing", "matched"))
+    pattern = cfg.get("layer_pattern") or ""
+    window = cfg["attention"].get("window")
+    blocks, nope_layers = [], []
+    for i in range(n_layers):
+        kind = pattern[i % len(pattern)] if pattern else None
+        kw = {} if kind is None else {"window": window if kind == "S" else None}
+        if kind == "N":
+            nope_layers.append(i)
+        blocks.append(Block(attention(dim=dim, n_heads=n_heads, head_dim=head_dim, **kw),
+                            mlp(dim=dim, hidden=hidden), partial(norm, dim),
+                            cfg.get("placement", "pre"), cfg.get("parallel_residual", False)))
+    return Transformer(cfg["vocab_size"], dim, blocks, norm(dim), positional,
+                       tie_embeddings=cfg.get("tie_embeddings", False), nope_layers=tuple(nope_layers),
+                       kernels=cfg.get("kernels", "auto"), init_std=cfg.get("init_std", 0.02))
+
 # %% ../nbs/06_config.ipynb #c7d76de4
 def _fail(key: str, value, accepted: str):
     raise ConfigError(f"{key}={value!r} is not valid: {accepted}")
@@ -34,7 +71,7 @@ def _fail(key: str, value, accepted: str):
 def validate(cfg: DictConfig) -> DictConfig:
     "Check a composed config for impossible combinations; raise ConfigError naming the key, or return cfg."
     from smollm.kernels.core import IMPLS
-    from smollm.model import PLACEMENTS, LAYER_KINDS
+    from smollm.model import PLACEMENTS
     from smollm.mlp import SIZING_RULES
     m = cfg.model
     for key in ("dim", "n_layers", "n_heads", "vocab_size", "block_size"):

@@ -278,7 +278,7 @@ def from_hf(path, dtype: torch.dtype | None = None):
     dtype: the parameters' dtype (a torch.dtype or its name, "bfloat16"); None keeps config.json's
     `dtype`/`torch_dtype` (else the stored tensors')."""
     from smollm.config import compose
-    from smollm.model import build_model
+    from smollm.config import build_model
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
             raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; use e.g. 'float32', 'bfloat16', "

@@ -14,7 +14,7 @@ from .kernels import linear_cross_entropy
 from .positional import NoPE
 
 # %% auto #0
-__all__ = ['PLACEMENTS', 'LAYER_KINDS', 'Block', 'Transformer', 'build_model']
+__all__ = ['PLACEMENTS', 'Block', 'Transformer']
 
 # %% ../nbs/05_model.ipynb #877218b2
 PLACEMENTS = ("pre", "post", "sandwich")
@@ -141,38 +141,3 @@ class Transformer(nn.Module):
             else: fam = "norm"
             counts[fam] += p.numel()
         return dict(counts)
-
-# %% ../nbs/05_model.ipynb #5f25fb6c
-LAYER_KINDS = {"G": "global attention", "S": "sliding-window attention", "N": "global attention without positions"}
-
-def _resolve(cfg) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-def build_model(cfg) -> Transformer:
-    "Build a `Transformer` from the `model:` section of a composed config (a DictConfig or a plain dict)."
-    from hydra.utils import instantiate
-    from smollm.mlp import hidden_size
-    cfg = _resolve(cfg)
-    dim, n_layers, n_heads = cfg["dim"], cfg["n_layers"], cfg["n_heads"]
-    head_dim = cfg.get("head_dim") or dim // n_heads
-    norm = instantiate(cfg["norm"])
-    attention = instantiate(cfg["attention"])
-    mlp = instantiate(cfg["mlp"])
-    positional = instantiate(cfg["positional"])(dim=dim, n_heads=n_heads, head_dim=head_dim,
-                                                max_seq_len=cfg["block_size"])
-    hidden = hidden_size(getattr(mlp, "func", mlp), dim, cfg.get("mlp_hidden"), cfg.get("mlp_sizing", "matched"))
-    pattern = cfg.get("layer_pattern") or ""
-    window = cfg["attention"].get("window")
-    blocks, nope_layers = [], []
-    for i in range(n_layers):
-        kind = pattern[i % len(pattern)] if pattern else None
-        kw = {} if kind is None else {"window": window if kind == "S" else None}
-        if kind == "N":
-            nope_layers.append(i)
-        blocks.append(Block(attention(dim=dim, n_heads=n_heads, head_dim=head_dim, **kw),
-                            mlp(dim=dim, hidden=hidden), partial(norm, dim),
-                            cfg.get("placement", "pre"), cfg.get("parallel_residual", False)))
-    return Transformer(cfg["vocab_size"], dim, blocks, norm(dim), positional,
-                       tie_embeddings=cfg.get("tie_embeddings", False), nope_layers=tuple(nope_layers),
-                       kernels=cfg.get("kernels", "auto"), init_std=cfg.get("init_std", 0.02))

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError, compose, conf_dir, validate
-from .model import build_model
+from .config import build_model
 
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'decay_groups', 'adamw', 'Optimizers', 'muon', 'Cosine', 'WSD', 'Constant', 'flops_per_token',

@@ -12,7 +12,7 @@ import torch
 
 from smollm.attention import MLA, Attention, KVCache, LatentCache
 from smollm.config import compose, options, validate
-from smollm.model import build_model
+from smollm.config import build_model
 from smollm.positional import NoPE, Positional, RoPE
 
 TINY = ("model.n_layers=2", "data.vocab_size=256", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",

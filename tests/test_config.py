@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from smollm.config import ConfigError, compose, options
-from smollm.model import build_model
+from smollm.config import build_model
 
 TINY = ["data.vocab_size=128", "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
         "model.mlp_hidden=96", "model.block_size=128"]

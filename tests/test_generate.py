@@ -9,7 +9,7 @@ import torch
 
 from smollm.config import compose
 from smollm.generate import PreallocatedKVCache, chat_cli, generate, generate_cli, load_model
-from smollm.model import build_model
+from smollm.config import build_model
 
 V = 128
 BASE = ["model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",

@@ -12,7 +12,7 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, M
 
 from smollm.config import compose  # noqa: E402
 from smollm.hf import CheckpointError, from_hf, load_tokenizer, to_hf  # noqa: E402
-from smollm.model import build_model  # noqa: E402
+from smollm.config import build_model  # noqa: E402
 
 V = 128
 SIZE = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

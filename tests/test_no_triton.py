@@ -11,7 +11,7 @@ CODE = textwrap.dedent("""
     assert not triton_available()
     assert resolve_impl("auto", torch.zeros(1)) == "torch"
     from smollm.config import compose
-    from smollm.model import build_model
+    from smollm.config import build_model
     m = build_model(compose(["data.vocab_size=64", "model.n_layers=1", "model.dim=32", "model.n_heads=4",
                              "model.n_kv_heads=2", "model.mlp_hidden=64"]).model)
     ids = torch.randint(0, 64, (2, 9))

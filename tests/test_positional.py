@@ -10,7 +10,7 @@ import torch
 
 from smollm.config import compose
 from smollm.kernels import attention_ref
-from smollm.model import build_model
+from smollm.config import build_model
 from smollm.positional import (ALiBi, LearnedAbsolute, NoPE, RoPE, Sinusoidal, T5Bias, alibi_slopes,
                                rope_scaling, t5_buckets)
 

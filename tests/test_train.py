@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from smollm.config import ConfigError, compose
-from smollm.model import build_model
+from smollm.config import build_model
 from smollm.train import (MetricsLog, TrainingError, adamw, latest_checkpoint, load_checkpoint, read_metrics,
                           save_checkpoint, train)
 
