@@ -10,10 +10,17 @@ import torch.nn.functional as F
 from .kernels import swiglu
 
 # %% auto #0
-__all__ = ['SIZING_RULES', 'GatedMLP', 'SwiGLU', 'GeGLU', 'PlainMLP', 'GELUMLP', 'ReLU2', 'hidden_size']
+__all__ = ['SIZING_RULES', 'MLP', 'GatedMLP', 'SwiGLU', 'GeGLU', 'PlainMLP', 'GELUMLP', 'ReLU2', 'hidden_size']
+
+# %% ../nbs/04_mlp.ipynb #7e5b899b
+class MLP(nn.Module):
+    """Base of the MLPs: built as `cls(dim, hidden, ...)`, maps x (..., dim) -> (..., dim).
+    `gated`: True for a GLU (three matrices), False for a plain MLP (two)."""
+    family = "mlp"
+    gated: bool
 
 # %% ../nbs/04_mlp.ipynb #0be739c5
-class GatedMLP(nn.Module):
+class GatedMLP(MLP):
     "down(act(gate(x)) * up(x)); subclasses choose the activation."
     gated = True
 
@@ -22,7 +29,7 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self.down_proj.residual_out = True   # scaled down at init by depth (see smollm.model)
+        self.down_proj.residual_out = True   # Transformer.init_weights scales it down by depth
 
     def act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -40,7 +47,7 @@ class GeGLU(GatedMLP):
     def act(self, gate, up): return F.gelu(gate, approximate="tanh") * up
 
 # %% ../nbs/04_mlp.ipynb #907e5809
-class PlainMLP(nn.Module):
+class PlainMLP(MLP):
     "down(act(up(x))); subclasses choose the activation."
     gated = False
 

@@ -11,10 +11,15 @@ import torch.nn.functional as F
 from .kernels import rms_norm
 
 # %% auto #0
-__all__ = ['RMSNorm', 'LayerNorm', 'DyT', 'ScaleNorm']
+__all__ = ['Norm', 'RMSNorm', 'LayerNorm', 'DyT', 'ScaleNorm']
+
+# %% ../nbs/01_norms.ipynb #33ead47a
+class Norm(nn.Module):
+    "Base of the norms: built as `cls(dim, eps=...)`, maps x (..., dim) -> (..., dim); `family` names the family."
+    family = "norm"
 
 # %% ../nbs/01_norms.ipynb #f463825e
-class RMSNorm(nn.Module):
+class RMSNorm(Norm):
     "Root-mean-square norm over the last dim; `unit_offset` stores the weight as (1 + w)."
     impl = "auto"  # which implementation of the op runs; the model sets it from its `kernels:` setting
 
@@ -31,7 +36,7 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}" + (", unit_offset=True" if self.unit_offset else "")
 
 # %% ../nbs/01_norms.ipynb #0ac02b2a
-class LayerNorm(nn.Module):
+class LayerNorm(Norm):
     "LayerNorm over the last dim, with an optional bias and an optional (1 + w) weight."
     def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True, unit_offset: bool = False):
         super().__init__()
@@ -44,7 +49,7 @@ class LayerNorm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), w, self.bias, self.eps)
 
 # %% ../nbs/01_norms.ipynb #3668ca14
-class DyT(nn.Module):
+class DyT(Norm):
     "Dynamic Tanh: w * tanh(alpha * x) + b, a statistics-free stand-in for a norm."
     def __init__(self, dim: int, eps: float = 1e-5, alpha0: float = 0.5):
         super().__init__()
@@ -56,7 +61,7 @@ class DyT(nn.Module):
         return self.weight * torch.tanh(self.alpha * x) + self.bias
 
 # %% ../nbs/01_norms.ipynb #cc359844
-class ScaleNorm(nn.Module):
+class ScaleNorm(Norm):
     "g * x / ||x|| with a single learned scalar g, initialised at sqrt(dim)."
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()

@@ -19,7 +19,9 @@ __all__ = ['ROPE_SCALINGS', 'Positional', 'NoPE', 'rope_inv_freq', 'RopeScaling'
 # %% ../nbs/02_positional.ipynb #5a84d776
 class Positional(nn.Module):
     "Base positional encoding: `embed`, `rotate` and `bias` do nothing. Built as `cls(dim, n_heads, head_dim, max_seq_len, ...)`."
+    family = "positional"
     alibi_slopes = None  # (n_heads,) for encodings that a fused attention kernel can apply itself
+    max_positions: int | None = None   # positions 0 .. max_positions - 1 work; None: any position
 
     def __init__(self, dim: int, n_heads: int, head_dim: int, max_seq_len: int):
         super().__init__()
@@ -296,10 +298,11 @@ class LearnedAbsolute(Positional):
     def __init__(self, dim: int, n_heads: int, head_dim: int, max_seq_len: int):
         super().__init__(dim, n_heads, head_dim, max_seq_len)
         self.wpe = nn.Embedding(max_seq_len, dim)   # GPT-2's name
+        self.max_positions = max_seq_len             # one row per position: none past the table
 
     def embed(self, x, pos):
         # the check reads a number off the tensor; a compiled step skips it (smollm.generate checks the length first)
-        if not torch.compiler.is_compiling() and pos.numel() and (p := int(pos.max())) >= self.max_seq_len:
+        if not torch.compiler.is_compiling() and pos.numel() and (p := int(pos.max())) >= self.max_positions:
             raise IndexError(f"LearnedAbsolute has rows for positions 0..{self.max_seq_len - 1} (max_seq_len="
                              f"{self.max_seq_len}) and was asked for position {p}: raise model.block_size, or "
                              "use a relative encoding (rope, alibi, t5)")
