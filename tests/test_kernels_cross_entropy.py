@@ -4,12 +4,11 @@ import pytest
 import torch
 
 from smollm.kernels.core import load_triton
-from smollm.kernels.cross_entropy import (ce_rows_torch, cross_entropy, cross_entropy_ref, default_chunk_size,
-                                          linear_cross_entropy, linear_cross_entropy_chunked,
+from smollm.kernels.cross_entropy import (REDUCTIONS, ce_rows_torch, cross_entropy, cross_entropy_ref,
+                                          default_chunk_size, linear_cross_entropy, linear_cross_entropy_chunked,
                                           linear_cross_entropy_ref)
 
 tr = load_triton("cross_entropy")
-REDUCTIONS = ["mean", "sum", "none"]
 EXTRAS = {"plain": {}, "extras": dict(z_loss=1e-3, softcap=5.0)}
 
 
@@ -42,6 +41,14 @@ def ce_check(z, y, dtype, impl=None, **kw):
 
 
 # ------------------------------------------------------------------------------------------- cross_entropy
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_reference_matches_torch(reduction):
+    "Every implementation reduces through `reduce_loss`: the reference's reductions against torch's own op."
+    z, y = torch.randn(2, 9, 31), torch.randint(0, 31, (2, 9))
+    y[0, 2] = y[1, 5] = -100
+    expected = torch.nn.functional.cross_entropy(z.transpose(1, 2), y, reduction=reduction)  # (B, V, T) layout
+    torch.testing.assert_close(cross_entropy_ref(z, y, reduction=reduction), expected)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -251,7 +258,7 @@ def test_linear_cross_entropy_scaled_tinyllama(dtype):
     linear_check(LINEAR["triton"], h, W, targets(128, 2000), dtype, z_loss=1e-4)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("all_ignored", [False, True])
 def test_small_cpu_path_matches_reference(reduction, all_ignored):
     "On a CPU, logits that fit in one chunk go through torch's fused cross-entropy: same loss and gradients."

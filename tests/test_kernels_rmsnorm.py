@@ -7,7 +7,7 @@ no more than a small multiple of the reference's own rounding error.
 
 import pytest
 import torch
-from helpers import poisoned_outputs
+from helpers import check_output, poisoned_outputs
 
 from smollm.kernels.core import load_triton
 from smollm.kernels.rmsnorm import rms_norm, rms_norm_ref
@@ -29,19 +29,6 @@ def run(f, x, w, r, dy, ds, **kw):
     return outs + [t.grad for t in leaves if t is not None]
 
 
-def check(got, ref, gold, dtype, what):
-    assert got.dtype == ref.dtype, f"{what}: dtype {got.dtype}, expected {ref.dtype}"
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4, msg=lambda m: f"{what}: {m}")
-        return
-    err, ref_err = (got.double() - gold).abs().max().item(), (ref.double() - gold).abs().max().item()
-    # the interpreter truncates fp32 -> bf16 (up to one ulp) where torch rounds (half an ulp), and each
-    # rounded intermediate (sum, normalised x, output) can add one: allow a few ulps of the largest value
-    bound = 3 * ref_err + 2 * torch.finfo(dtype).eps * gold.abs().max().item()
-    assert err <= bound, f"{what}: max error {err:.3g} vs fp64, the reference's is {ref_err:.3g}"
-
-
 def compare(shape, dtype, weight=True, residual=False, eps=1e-5):
     dim = shape[-1]
     x = torch.randn(shape, dtype=dtype)
@@ -59,7 +46,7 @@ def compare(shape, dtype, weight=True, residual=False, eps=1e-5):
     names = ["y"] + (["s"] if residual else []) + ["dx"] + (["dw"] if weight else []) + (["dr"] if residual else [])
     assert len(got) == len(ref) == len(names)
     for name, g, rf, gd in zip(names, got, ref, gold):
-        check(g, rf, gd, dtype, f"{name} {tuple(shape)} {dtype}")
+        check_output(g, rf, gd, dtype, f"{name} {tuple(shape)} {dtype}", fp32_tol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -7,7 +7,7 @@ no more than a small multiple of the reference's own rounding error, plus an ulp
 
 import pytest
 import torch
-from helpers import poisoned_outputs
+from helpers import check_output, poisoned_outputs
 
 from smollm.kernels.core import load_triton
 from smollm.kernels.swiglu import swiglu, swiglu_ref
@@ -44,18 +44,6 @@ def run(f, leaves, views, dh, **kw):
     return [h] + [t.grad for t in leaves]
 
 
-def check(got, ref, gold, dtype, what):
-    assert got.dtype == ref.dtype and got.shape == ref.shape, f"{what}: {got.dtype} {got.shape}, expected {ref.dtype} {ref.shape}"
-    assert torch.isfinite(got).all(), f"{what}: non-finite values"
-    if dtype == torch.float32:
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
-        return
-    err, ref_err = (got.double() - gold).abs().max().item(), (ref.double() - gold).abs().max().item()
-    # the interpreter truncates fp32 -> bf16 (up to one ulp) where torch rounds (half an ulp)
-    bound = 3 * ref_err + 2 * torch.finfo(dtype).eps * gold.abs().max().item()
-    assert err <= bound, f"{what}: max error {err:.3g} vs fp64, the reference's is {ref_err:.3g}"
-
-
 # every layout in bf16; the two common ones (separate tensors, a fused projection's halves) in every dtype
 CASES = [(d, lay) for d in DTYPES for lay in LAYOUTS if d == torch.bfloat16 or lay in ("contiguous", "chunks")]
 
@@ -73,7 +61,7 @@ def test_swiglu(shape, dtype, layout):
     gold = run(swiglu_ref, [t.double() for t in leaves], views, dh.double())
     assert len(got) == len(ref) == len(gold)
     for name, g, rf, gd in zip(["h", "d leaf 0", "d leaf 1"], got, ref, gold):
-        check(g, rf, gd, dtype, f"{name} {shape} {dtype} {layout}")
+        check_output(g, rf, gd, dtype, f"{name} {shape} {dtype} {layout}", fp32_tol=1e-5)
 
 
 def test_large_and_small_gates():

@@ -9,18 +9,35 @@ import torch.nn.functional as F
 from .core import resolve_impl, load_triton, next_power_of_2
 
 # %% auto #0
-__all__ = ['REDUCTIONS', 'CPU_CHUNK_LOGITS', 'cross_entropy_ref', 'linear_cross_entropy_ref', 'check_ce_args',
-           'check_targets_in_range', 'ce_rows_torch', 'default_chunk_size', 'LinearCrossEntropyFunction',
-           'check_linear_ce_args', 'linear_cross_entropy_chunked', 'cross_entropy', 'linear_cross_entropy']
+__all__ = ['REDUCTIONS', 'CPU_CHUNK_LOGITS', 'reduction_scale', 'reduce_loss', 'cross_entropy_ref', 'linear_cross_entropy_ref',
+           'check_ce_args', 'check_targets_in_range', 'ce_rows_torch', 'default_chunk_size',
+           'LinearCrossEntropyFunction', 'check_linear_ce_args', 'linear_cross_entropy_chunked', 'cross_entropy',
+           'linear_cross_entropy']
 
-# %% ../../nbs/14_kernels_cross_entropy.ipynb #de9b5416
+# %% ../../nbs/14_kernels_cross_entropy.ipynb #3076e9c0
 REDUCTIONS = ("mean", "sum", "none")
 
-def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
-                      reduction: str = "mean", z_loss: float = 0.0, softcap: float | None = None):
-    "Cross-entropy of logits (N, V) against targets (N,) in fp32; see the text above for the extras."
+def reduction_scale(valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The weight of each row's loss in the reduced loss, a 0-dim fp32 tensor on `valid`'s device: 1 / (number
+    of True rows in `valid`, at least 1) for 'mean', 1 for 'sum' and 'none'. `valid` (N,) is True where the
+    target is not ignored."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
+    if reduction == "mean":
+        return 1.0 / valid.sum().clamp(min=1).float()
+    return torch.ones((), device=valid.device)
+
+def reduce_loss(loss: torch.Tensor, scale: torch.Tensor, reduction: str, shape) -> torch.Tensor:
+    """Reduce per-row losses `loss` (N,), 0 on ignored rows: 'none' returns them viewed as `shape` (the targets'
+    shape); 'sum' and 'mean' return sum(loss) * `scale`, where `scale` comes from `reduction_scale`."""
+    return loss.view(shape) if reduction == "none" else loss.sum() * scale
+
+# %% ../../nbs/14_kernels_cross_entropy.ipynb #de9b5416
+def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                      reduction: str = "mean", z_loss: float = 0.0, softcap: float | None = None):
+    """Cross-entropy of logits (N, V) against targets (N,) in fp32: per row log(sum(exp(z))) - z[target], where
+    z = softcap * tanh(logits / softcap) when `softcap` is given, plus z_loss * log(sum(exp(z)))^2; rows whose
+    target is `ignore_index` count 0. `reduction` is 'mean' (over the other rows; 0 if none), 'sum' or 'none'."""
     z = logits.float()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -31,11 +48,7 @@ def cross_entropy_ref(logits: torch.Tensor, targets: torch.Tensor, ignore_index:
     if z_loss:
         loss = loss + z_loss * lse.pow(2)
     loss = torch.where(valid, loss, 0.0)
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / valid.sum().clamp(min=1)
+    return reduce_loss(loss, reduction_scale(valid, reduction), reduction, targets.shape)
 
 def linear_cross_entropy_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              ignore_index: int = -100, reduction: str = "mean", z_loss: float = 0.0,
@@ -134,7 +147,10 @@ def _linear_ce_chunks(ce_rows, hidden, weight, targets, ignore_index, z_loss, so
 
 # %% ../../nbs/14_kernels_cross_entropy.ipynb #b6729b2e
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    "Chunked lm head + cross-entropy; the gradients are computed in the forward (see the text above)."
+    """Chunked lm head + cross-entropy of hidden (..., dim) @ weight (V, dim).T against targets (...). The forward
+    computes the loss chunk by chunk with `ce_rows` (`ce_rows_torch` or the Triton kernel) and, for 'mean' and
+    'sum', the gradients too, so the backward only scales them by grad_output; for 'none' the backward
+    recomputes each chunk with grad_output as the row weights."""
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, z_loss, softcap, chunk_size, ce_rows):
         where = "linear_cross_entropy"
@@ -143,8 +159,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         h, y = hidden.reshape(-1, dim).to(cdt), targets.reshape(-1)
         w = weight.to(cdt)
         valid = y != ignore_index
-        # the weight of each row's loss in the total: 1/n_valid for the mean (kept on the device: no sync)
-        scale = (1.0 / valid.sum().clamp(min=1).float()) if reduction == "mean" else torch.ones((), device=h.device)
+        scale = reduction_scale(valid, reduction)  # the gradient computed in the forward carries it
         need_gh, need_gw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         eager = reduction != "none" and (need_gh or need_gw)
         ctx.meta = (shape, hidden.dtype, weight.dtype, cdt, ignore_index, z_loss, softcap, chunk_size, ce_rows,
@@ -156,9 +171,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(gh, gw)
         elif reduction == "none" and (need_gh or need_gw):  # recompute in the backward, with grad_output
             ctx.save_for_backward(h, w, y)
-        if reduction == "none":
-            return loss.view(shape[:-1])
-        return loss.sum() * scale if reduction == "mean" else loss.sum()
+        return reduce_loss(loss, scale, reduction, shape[:-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # a second derivative raises instead of being silently wrong
@@ -214,11 +227,9 @@ def _small_linear_ce_cpu(hidden, weight, targets, ignore_index, reduction):
     check_linear_ce_args(hidden, weight, targets, reduction, None, None, "linear_cross_entropy")
     check_targets_in_range(targets, weight.shape[0], ignore_index, "linear_cross_entropy")
     logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.t()).float()
-    loss = F.cross_entropy(logits, targets.reshape(-1), ignore_index=ignore_index,
-                           reduction="none" if reduction == "none" else "sum")
-    if reduction == "none":
-        return loss.view(targets.shape)
-    return loss / (targets != ignore_index).sum().clamp(min=1) if reduction == "mean" else loss
+    y = targets.reshape(-1)
+    loss = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none")  # 0 on ignored rows
+    return reduce_loss(loss, reduction_scale(y != ignore_index, reduction), reduction, targets.shape)
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean", z_loss: float = 0.0,

@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 from .core import next_power_of_2
 from .cross_entropy import (LinearCrossEntropyFunction, check_ce_args, check_linear_ce_args,
-                                          check_targets_in_range, default_chunk_size)
+                                          check_targets_in_range, default_chunk_size, reduce_loss,
+                                          reduction_scale)
 
 # %% auto #0
 __all__ = ['MAX_BLOCK_V', 'ce_rows_triton', 'CrossEntropyFunction', 'cross_entropy', 'linear_cross_entropy']
@@ -118,17 +119,14 @@ class CrossEntropyFunction(torch.autograd.Function):
         if x.stride(-1) != 1:
             x = x.contiguous()
         valid = y != ignore_index
-        scale = (1.0 / valid.sum().clamp(min=1).float()) if reduction == "mean" else torch.ones((), device=x.device)
+        scale = reduction_scale(valid, reduction)  # the gradient computed in the forward carries it
         need_grad = ctx.needs_input_grad[0]
         grad = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_grad else None
-        loss, grad = ce_rows_triton(x, y, ignore_index, z_loss, softcap,
-                                    (torch.ones((), device=x.device) if reduction == "none" else scale)
-                                    if need_grad else None, grad_buf=grad)
+        loss, grad = ce_rows_triton(x, y, ignore_index, z_loss, softcap, scale if need_grad else None,
+                                    grad_buf=grad)
         ctx.save_for_backward(grad)
         ctx.shape, ctx.reduction = shape, reduction
-        if reduction == "none":
-            return loss.view(shape[:-1])
-        return loss.sum() * scale if reduction == "mean" else loss.sum()
+        return reduce_loss(loss, scale, reduction, shape[:-1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -127,7 +127,8 @@ def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None
 
 # %% ../../nbs/11_kernels_rmsnorm_triton.ipynb #e4b00d7f
 class RMSNormFunction(torch.autograd.Function):
-    "RMSNorm over rows of 2-D tensors (rows, dim) with last-dim stride 1; see `rms_norm` for the arguments."
+    """RMSNorm of x (rows, dim), last-dim stride 1: x / sqrt(mean(x^2) + eps) * weight, with weight (dim,) or None.
+    With residual (rows, dim), normalises x + residual and returns (normed, x + residual). Triton forward and backward."""
 
     @staticmethod
     def forward(ctx, x, weight, residual, eps):

@@ -87,7 +87,8 @@ def _swiglu_bwd(dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[tor
 
 # %% ../../nbs/13_kernels_swiglu_triton.ipynb #a9f67e04
 class SwiGLUFunction(torch.autograd.Function):
-    "silu(gate) * up on 2-D views (rows, cols) with column stride 1; see `swiglu`."
+    """silu(gate) * up of gate and up (rows, cols), column stride 1 (their row strides may differ), in Triton
+    forward and backward; the backward recomputes the sigmoid instead of saving it."""
 
     @staticmethod
     def forward(ctx, gate, up):
