@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 # %% auto #0
-__all__ = ['CAPACITY_MULTIPLE', 'sample_next', 'PreallocatedKVCache', 'generate', 'load_model', 'TextStreamer', 'generate_cli',
+__all__ = ['CAPACITY_MULTIPLE', 'sample_next', 'PreallocatedKVCache', 'generate', 'TextStreamer', 'generate_cli',
            'chat_cli']
 
 # %% ../nbs/30_generate.ipynb #18f1ab97
@@ -178,23 +178,6 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     return out
 
 # %% ../nbs/30_generate.ipynb #620bc85f
-def load_model(path, dtype: torch.dtype | None = None):
-    "The model in `path`: a Hugging Face checkpoint folder (config.json + weights) or a smollm-train run folder."
-    path = Path(path)
-    if (path / "config.json").is_file():
-        from smollm.hf import from_hf
-        return from_hf(path, dtype=dtype)
-    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-        from smollm.train import load_run   # its latest checkpoint; the run folder also holds tokenizer.json
-        model, _ = load_run(path)
-        return model if dtype is None else model.to(dtype)
-    hint = ""
-    if not path.exists() and len(path.parts) == 2 and not str(path).startswith((".", "/")):
-        hint = (f"; if {path} is a Hugging Face Hub id, smollm does not download: fetch it first with "
-                f"`huggingface-cli download {path} --local-dir {path.name}` and pass that folder")
-    raise FileNotFoundError(f"{path} is not a checkpoint: expected a Hugging Face folder with config.json, or a "
-                            f"smollm-train run folder with config.yaml and checkpoints/{hint}")
-
 class TextStreamer:
     "A `generate` callback for batch 1 that prints the decoded text of the new tokens as it grows."
     def __init__(self, tokenizer, eos_ids: Sequence[int] = (), file=None):
@@ -247,6 +230,7 @@ def _setup(args, prog: str):
     "Model, tokenizer, end-of-sequence ids and the generate keyword arguments of parsed CLI args."
     import json
     from smollm.hf import load_tokenizer
+    from smollm.runs import load_model
     dtype = getattr(torch, args.dtype) if args.dtype else None
     try:   # bad options and bad folders are the user's input, not bugs: one line naming them, no traceback
         _check_options(args.max_new_tokens, args.temperature, args.top_k, args.top_p, not args.no_cache, args.compile)

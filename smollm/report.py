@@ -4,10 +4,10 @@
 
 # %% ../nbs/22_report.ipynb #528d980a
 from __future__ import annotations
-import argparse, json, math, statistics, sys
+import argparse, math, statistics, sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from .train import read_metrics
+from .runs import read_metrics, read_run_json
 
 # %% auto #0
 __all__ = ['IGNORED_OVERRIDES', 'betainc', 't_two_sided_p', 'welch', 'Run', 'find_runs', 'summarize', 'plot_runs', 'report',
@@ -108,7 +108,7 @@ def find_runs(path) -> list[Run]:
     order = lambda d: tuple((0, int(s), "") if s.isdigit() else (1, 0, s) for s in d.relative_to(path).parts)
     runs = []
     for d in sorted(dirs, key=order):
-        info = json.loads((d / "run.json").read_text()) if (d / "run.json").is_file() else {}
+        info = read_run_json(d)
         rows = read_metrics(d / "metrics.csv") if (d / "metrics.csv").is_file() else []
         runs.append(Run(d, _overrides(d), info, rows))
     return runs

@@ -4,22 +4,26 @@
 
 # %% ../nbs/21_train.ipynb #db71e6f5
 from __future__ import annotations
-import contextlib, csv, json, math, os, random, shutil, sys, time
-if "torch" not in sys.modules:   # the console script: see "CPU threads" above
+import contextlib, math, os, random, sys, time
+if "torch" not in sys.modules:   # the console script: waiting OpenMP threads sleep, not spin (set before torch loads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
-from .config import ConfigError, compose, conf_dir, validate
-from .config import build_model
+from .config import ConfigError, build_model, compose, conf_dir, validate
+from .runs import (METRIC_COLUMNS, MetricsLog, latest_checkpoint, load_checkpoint, progress_bar,
+                         read_checkpoint_state, read_metrics, rng_state, save_checkpoint, save_config,
+                         save_tokenizer, set_rng_state, update_run_json)
 
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'decay_groups', 'adamw', 'Optimizers', 'muon', 'Cosine', 'WSD', 'Constant', 'flops_per_token',
-           'peak_flops', 'autocast', 'accumulate', 'rng_state', 'set_rng_state', 'save_checkpoint', 'latest_checkpoint',
-           'load_checkpoint', 'MetricsLog', 'read_metrics', 'evaluate', 'plot_metrics', 'TrainingError',
-           'save_tokenizer', 'train', 'write_samples', 'load_run', 'main']
+           'peak_flops', 'autocast', 'accumulate', 'evaluate', 'plot_metrics', 'TrainRun', 'set_up', 'resume',
+           'open_run', 'TrainingError', 'train_step', 'log_metrics', 'checkpoint', 'vs_unigram', 'final_line', 'finish',
+           'write_samples', 'train', 'main']
 
 # %% ../nbs/21_train.ipynb #82800202
 def _table_params(model: nn.Module) -> set[int]:
@@ -191,92 +195,7 @@ def accumulate(loss_fn, batches, device: torch.device, precision: str = "fp32") 
         total += loss.detach()
     return total
 
-# %% ../nbs/21_train.ipynb #5fdc9471
-def _write_atomic(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-def rng_state() -> dict:
-    "The RNG states of torch (CPU and CUDA), Python and NumPy, as plain types torch.load accepts."
-    s = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(), "numpy": [s[0], s[1].tolist(), *s[2:]]}
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    s = state["numpy"]
-    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
-
-def save_checkpoint(ckpt_dir, step: int, model: nn.Module, optimizer, state: dict, keep: int = 1) -> Path:
-    "Write checkpoint `step` of model, optimizer and `state` (a dict of plain data and tensors) atomically; keep the last `keep`."
-    from safetensors.torch import save_model
-    ckpt_dir = Path(ckpt_dir); ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = ckpt_dir / f"step_{step:07d}"
-    if not final.exists():     # the same step saved twice (periodic, then final) is the same data
-        tmp = ckpt_dir / f".tmp_{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save({**state, "step": step, "optimizer": optimizer.state_dict()}, tmp / "state.pt")
-        os.replace(tmp, final)
-    _write_atomic(ckpt_dir / "latest", final.name)
-    for old in sorted(ckpt_dir.glob("step_*"))[:-keep] if keep > 0 else []:
-        if old != final: shutil.rmtree(old, ignore_errors=True)
-    return final
-
-def latest_checkpoint(ckpt_dir) -> Path | None:
-    "The checkpoint `checkpoints/latest` names, else the newest complete one, else None."
-    ckpt_dir = Path(ckpt_dir)
-    complete = lambda p: (p / "model.safetensors").is_file() and (p / "state.pt").is_file()
-    ptr = ckpt_dir / "latest"
-    if ptr.is_file() and complete(ckpt_dir / ptr.read_text().strip()):
-        return ckpt_dir / ptr.read_text().strip()
-    found = sorted(p for p in ckpt_dir.glob("step_*") if complete(p))
-    return found[-1] if found else None
-
-def load_checkpoint(path, model: nn.Module, optimizer=None) -> dict:
-    "Load weights into `model` (and `optimizer`'s state) from checkpoint folder `path`; return its state dict."
-    from safetensors.torch import load_model
-    path = Path(path)
-    load_model(model, str(path / "model.safetensors"), device=str(next(model.parameters()).device))
-    state = torch.load(path / "state.pt", map_location=next(model.parameters()).device, weights_only=True)
-    if optimizer is not None: optimizer.load_state_dict(state["optimizer"])
-    return state
-
 # %% ../nbs/21_train.ipynb #9aaf2478
-class MetricsLog:
-    "metrics.csv: a header, then one row per call to `write`, flushed at once. keep_until: resume, dropping later rows."
-    def __init__(self, path, columns: list[str], keep_until: int | None = None):
-        self.path, self.columns = Path(path), list(columns)
-        rows = []
-        if keep_until is not None and self.path.is_file():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= keep_until]
-        tmp = self.path.with_name(".metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, self.columns, extrasaction="ignore")
-            w.writeheader(); w.writerows(rows)
-        os.replace(tmp, self.path)
-        self._f = open(self.path, "a", newline="")
-        self._w = csv.DictWriter(self._f, self.columns, extrasaction="ignore")
-
-    def write(self, row: dict):
-        self._w.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-        self._f.flush()
-
-    def close(self): self._f.close()
-
-def read_metrics(path) -> list[dict]:
-    "Rows of a metrics.csv as dicts of floats (None where empty; step and tokens as ints)."
-    out = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            out.append({k: (None if v in ("", None) else int(v) if k in ("step", "tokens") else float(v))
-                        for k, v in r.items()})
-    return out
-
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device, precision: str = "fp32",
              accuracy: bool = False) -> dict:
@@ -318,27 +237,105 @@ def plot_metrics(rows: list[dict], path, title: str = "") -> Path:
     return Path(path)
 
 # %% ../nbs/21_train.ipynb #afe83470
-class TrainingError(RuntimeError):
-    "The run cannot continue (e.g. a non-finite loss); the message names the step and the last good checkpoint."
+def _window() -> dict:
+    "Sums over the steps since the last metrics row: loss, steps, seconds, tokens."
+    return dict(loss=0.0, n=0, t=0.0, tokens=0)
 
-def save_tokenizer(source, run_dir) -> None:
-    """Write the data's tokenizer into the run folder (tokenizer.json, and tokenizer_config.json naming its special
-    tokens), so a run folder is all that `smollm-generate` needs."""
-    if getattr(source, "tokenizer", None) is None:   # synthetic tasks (MQAR) have none
-        return
-    run_dir = Path(run_dir)
-    tok = source.tokenizer
-    _write_atomic(run_dir / "tokenizer.json", tok.to_str())
-    names = {f"{k}_token": tok.id_to_token(i) for k, i in
-             (("bos", source.bos_id), ("eos", source.eos_id), ("pad", source.pad_id)) if i is not None}
-    _write_atomic(run_dir / "tokenizer_config.json", json.dumps(names, indent=1))
+@dataclass
+class TrainRun:
+    """One training run while it runs: the config, what `set_up` built from it, and the counters the loop advances
+    (step: optimizer steps done; start: the step this process began at, after a resume; tokens: seen in training)."""
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    source: object                     # a smollm.data source
+    model: nn.Module
+    optimizer: object
+    schedule: Callable[[int], float]
+    loss_fn: Callable                  # model.loss, or its torch.compile'd form
+    val: list                          # the fixed validation batches [(x, y)]
+    params: list                       # the trained parameters, for gradient clipping
+    flops: float                       # training FLOPs per token
+    peak: float | None                 # the device's peak FLOP/s (None: no MFU)
+    step: int = 0
+    start: int = 0
+    tokens: int = 0
+    resumed_from: Path | None = None
+    log: MetricsLog | None = None
+    last_eval: dict | None = None
+    eval_step: int | None = None
+    since: dict = field(default_factory=_window)
+    ema: float | None = None           # smoothed loss, for the progress bar only
+    t_train: float = 0.0               # seconds spent in steps
+    t_steady: float = 0.0              # the same without this process's first step, which pays one-off set-up costs
 
+    @property
+    def tc(self): return self.cfg.trainer
+    @property
+    def ckpt_dir(self) -> Path: return self.run_dir / "checkpoints"
+    @property
+    def accuracy(self) -> bool: return self.source.metric == "accuracy"
+    @property
+    def tokens_per_step(self) -> int: return self.tc.batch_size * self.tc.grad_accum * self.cfg.model.block_size
+    @property
+    def resolved(self) -> dict: return OmegaConf.to_container(self.cfg, resolve=True)
+
+    def count(self, loss: float, seconds: float):
+        "Add a finished step's loss and duration to the counters."
+        self.t_train += seconds
+        if self.step > self.start + 1: self.t_steady += seconds
+        s = self.since
+        s.update(loss=s["loss"] + loss, n=s["n"] + 1, t=s["t"] + seconds, tokens=s["tokens"] + self.tokens_per_step)
+        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+
+    def state(self) -> dict:
+        "What a checkpoint holds besides weights and optimizer: tokens, RNG states, config, data position, schedule."
+        return {"tokens": self.tokens, "rng": rng_state(), "config": self.resolved,
+                "data": {"step": self.step, "seed": self.cfg.seed},
+                "schedule": {"class": type(self.schedule).__name__, "factor": self.schedule(self.step)}}
+
+# %% ../nbs/21_train.ipynb #64d205c6
 def _device(name: str) -> torch.device:
     if name == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.device={name!r} but CUDA is not available here; use trainer.device=cpu (or auto)")
     return torch.device(name)
 
+def _check_trainer(tc):
+    for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every"):
+        if int(tc[key]) != tc[key] or tc[key] < 1:
+            raise ConfigError(f"trainer.{key}={tc[key]!r} is not valid: a positive integer")
+    if tc.resume not in (True, False, "auto"):
+        raise ConfigError(f"trainer.resume={tc.resume!r} is not valid: true, false or auto")
+
+def set_up(cfg: DictConfig, run_dir=None, source=None) -> TrainRun:
+    """Check the config, seed torch, Python and NumPy from cfg.seed, and build a `TrainRun` in `run_dir` (default:
+    the current folder): the data source (`source`, else `build_data(cfg.data)`), the model on trainer.device,
+    its optimizer and schedule, and the validation batches."""
+    from hydra.utils import instantiate
+    validate(cfg)
+    tc = cfg.trainer
+    run_dir = Path(run_dir or ".").resolve(); run_dir.mkdir(parents=True, exist_ok=True)
+    _check_trainer(tc)
+    device = _device(tc.device)
+    if tc.get("threads"): torch.set_num_threads(int(tc.threads))   # e.g. 1 per run when several share a CPU
+    if device.type == "cuda": torch.set_float32_matmul_precision("high")
+    torch.manual_seed(cfg.seed); random.seed(cfg.seed); np.random.seed(cfg.seed)
+    if source is None:
+        from smollm.data import build_data
+        source = build_data(cfg.data)
+    source.prepare()
+    if source.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
+                          f"({source.vocab_size}); set model.vocab_size: ${{data.vocab_size}} or larger")
+    T, model = cfg.model.block_size, build_model(cfg.model).to(device)
+    return TrainRun(cfg, run_dir, device, source, model, optimizer=instantiate(cfg.optim)(model),
+                    schedule=instantiate(cfg.schedule), loss_fn=torch.compile(model.loss) if tc.compile else model.loss,
+                    val=source.val_batches(tc.eval_batches, tc.batch_size, T),
+                    params=[p for p in model.parameters() if p.requires_grad],
+                    flops=flops_per_token(model, T), peak=peak_flops(device, tc.get("peak_flops")))
+
+# %% ../nbs/21_train.ipynb #119405ea
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -355,156 +352,127 @@ def _check_resume_config(saved: dict, now: dict):
         raise ConfigError("trainer.resume: the checkpoint was made with a different config: "
                           + ", ".join(f"{k}={a.get(k)!r} there, {b.get(k)!r} now" for k in diff))
 
-def _update_run_json(run_dir: Path, **kw):
-    path = run_dir / "run.json"
-    info = json.loads(path.read_text()) if path.is_file() else {}
-    info.update(kw)
-    _write_atomic(path, json.dumps(info, indent=1))
+def resume(run: TrainRun) -> Path | None:
+    """With trainer.resume (true: a checkpoint must exist; auto: if one does), load the latest checkpoint of the
+    run folder into `run`: weights, optimizer state, step, tokens and RNG states. Returns its folder, or None."""
+    ckpt = latest_checkpoint(run.ckpt_dir) if run.tc.resume else None
+    if run.tc.resume is True and ckpt is None:
+        raise ConfigError(f"trainer.resume=true but {run.ckpt_dir} holds no checkpoint; point hydra.run.dir at the "
+                          "run to resume, or use trainer.resume=auto to start afresh when there is none")
+    if ckpt is None: return None
+    _check_resume_config(read_checkpoint_state(ckpt)["config"], run.resolved)
+    state = load_checkpoint(ckpt, run.model, run.optimizer)
+    run.step = run.start = state["step"]
+    run.tokens, run.resumed_from = state["tokens"], ckpt
+    set_rng_state(state["rng"])
+    return ckpt
+
+# %% ../nbs/21_train.ipynb #0f1f6b6e
+def open_run(run: TrainRun):
+    """Write config.yaml, the tokenizer, metrics.csv (keeping the rows up to a resumed step) and run.json (status
+    'running') into the run folder, and print the run's opening line."""
+    tc, src, B, T = run.tc, run.source, run.tc.batch_size, run.cfg.model.block_size
+    save_config(run.cfg, run.run_dir)
+    save_tokenizer(src, run.run_dir)
+    run.log = MetricsLog(run.run_dir / "metrics.csv", list(METRIC_COLUMNS) + (["val_acc"] if run.accuracy else []),
+                         keep_until=run.start if run.resumed_from is not None else None)
+    n_params = run.model.num_params()
+    update_run_json(run.run_dir, status="running", step=run.start, max_steps=tc.max_steps, params=n_params,
+                    metric=src.metric, data=src.describe(), flops_per_token=run.flops)
+    print(f"smollm-train: {run.cfg.model.name}, {n_params:,} parameters, {src.describe()}; "
+          f"{tc.max_steps} steps of {B * tc.grad_accum} x {T} tokens on {run.device}; run dir {run.run_dir}"
+          + (f"; resumed from {run.resumed_from.name}" if run.resumed_from is not None else ""), flush=True)
+
+# %% ../nbs/21_train.ipynb #712b103b
+class TrainingError(RuntimeError):
+    "The run cannot continue (e.g. a non-finite loss); the message names the step and the last good checkpoint."
+
+def _nonfinite(run: TrainRun, loss: float, grad_norm: float) -> TrainingError:
+    last = latest_checkpoint(run.ckpt_dir)
+    return TrainingError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient norm'} at step {run.step + 1} "
+                         f"(loss {loss}, grad norm {grad_norm}, lr {run.optimizer.param_groups[0]['lr']:.3g}); stopped; "
+                         f"the last good checkpoint is {last if last else 'none (no checkpoint was written yet)'}")
+
+def train_step(run: TrainRun) -> tuple[float, float]:
+    """Optimizer step number run.step: the learning rate from the schedule, grad_accum micro-batches, clipping,
+    and the step, unless the loss or the gradient norm is not finite (then TrainingError, with the weights
+    untouched). Returns (mean loss, gradient norm before clipping)."""
+    tc, step, T = run.tc, run.step, run.cfg.model.block_size
+    for g in run.optimizer.param_groups: g["lr"] = g["base_lr"] * run.schedule(step)
+    batches = [run.source.batch("train", step * tc.grad_accum + i, tc.batch_size, T, run.cfg.seed)
+               for i in range(tc.grad_accum)]
+    loss = accumulate(run.loss_fn, batches, run.device, tc.precision)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, tc.grad_clip if tc.grad_clip else float("inf"))
+    loss, grad_norm = torch.stack([loss, grad_norm.to(loss)]).tolist()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise _nonfinite(run, loss, grad_norm)
+    run.optimizer.step(); run.optimizer.zero_grad(set_to_none=True)
+    run.step, run.tokens = step + 1, run.tokens + run.tokens_per_step
+    return loss, grad_norm
+
+# %% ../nbs/21_train.ipynb #67dbcc49
+def log_metrics(run: TrainRun, grad_norm: float, last: bool = False):
+    """After a step: a metrics.csv row when the step is a multiple of log_every, an evaluation step (a multiple of
+    eval_every, or max_steps: the row then holds the validation figures), or the `last` step of this process."""
+    tc, s = run.tc, run.since
+    is_eval = run.step % tc.eval_every == 0 or run.step == tc.max_steps
+    if not (run.step % tc.log_every == 0 or is_eval or last): return
+    tps = s["tokens"] / max(s["t"], 1e-9)
+    row = dict(step=run.step, tokens=run.tokens, train_loss=s["loss"] / s["n"], lr=run.optimizer.param_groups[0]["lr"],
+               tokens_per_s=tps, grad_norm=grad_norm, mfu=tps * run.flops / run.peak if run.peak else None)
+    if is_eval:
+        run.last_eval, run.eval_step = evaluate(run.model, run.val, run.device, tc.precision, run.accuracy), run.step
+        row.update(run.last_eval)
+    run.log.write(row)
+    run.since = _window()
+
+def checkpoint(run: TrainRun):
+    "Save checkpoint run.step (weights, optimizer and `run.state()`), keeping trainer.keep_checkpoints; note it in run.json."
+    save_checkpoint(run.ckpt_dir, run.step, run.model, run.optimizer, run.state(), keep=run.tc.get("keep_checkpoints", 1))
+    update_run_json(run.run_dir, step=run.step)
+
+# %% ../nbs/21_train.ipynb #1f1ed576
+def vs_unigram(val_loss: float, unigram: float) -> str:
+    "How far `val_loss` is below (or above) the unigram baseline `unigram`, in words."
+    d = unigram - val_loss
+    return f"{abs(d):.2f} {'below' if d >= 0 else 'above'} the unigram baseline {unigram:.3f} (a model that ignores context)"
 
 def _hms(s: float) -> str:
     return f"{int(s // 60)}m{s % 60:04.1f}s" if s >= 60 else f"{s:.1f}s"
 
-# %% ../nbs/21_train.ipynb #7a7a38bf
-def train(cfg: DictConfig, run_dir=None, source=None, stop_at: int | None = None) -> dict:
-    """Train the model of a composed config `cfg` (see `smollm.config.compose`), writing into `run_dir` (default: the
-    current folder). source: a data source to use instead of `build_data(cfg.data)`; stop_at: stop after that step
-    (with a checkpoint). Returns the summary that also goes to run.json."""
-    from hydra.utils import instantiate
-    t_start = time.perf_counter()
-    validate(cfg)
-    tc = cfg.trainer
-    run_dir = Path(run_dir or ".").resolve(); run_dir.mkdir(parents=True, exist_ok=True)
-    for key in ("max_steps", "batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every"):
-        if int(tc[key]) != tc[key] or tc[key] < 1:
-            raise ConfigError(f"trainer.{key}={tc[key]!r} is not valid: a positive integer")
-    if tc.resume not in (True, False, "auto"):
-        raise ConfigError(f"trainer.resume={tc.resume!r} is not valid: true, false or auto")
-    device = _device(tc.device)
-    if tc.get("threads"): torch.set_num_threads(int(tc.threads))   # e.g. 1 per run when several share a CPU
-    if device.type == "cuda": torch.set_float32_matmul_precision("high")
-    torch.manual_seed(cfg.seed); random.seed(cfg.seed); np.random.seed(cfg.seed)
+def final_line(summary: dict, seconds: float, run_dir) -> str:
+    "The closing line of a finished run: its length, speed, and final validation figures against the baseline."
+    vl, unigram = summary["val_loss"], summary["unigram_loss"]
+    what = (f"validation accuracy {summary['val_acc']:.3f} at the query positions (chance: {math.exp(-unigram):.3f}), "
+            f"validation loss {vl:.3f}" if summary["metric"] == "accuracy" else
+            f"validation loss {vl:.3f} nats/token (perplexity {summary['val_ppl']:.1f}), {vs_unigram(vl, unigram)}")
+    return (f"smollm-train: done in {_hms(seconds)}: {summary['step']} steps, {summary['tokens']:,} tokens "
+            f"({summary['tokens_per_s'] or 0:,.0f} tokens/s). Final {what}. In {run_dir}: metrics.csv, loss.png, "
+            f"samples.txt, checkpoints/")
 
-    if source is None:
-        from smollm.data import build_data
-        source = build_data(cfg.data)
-    source.prepare()
-    if source.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
-                          f"({source.vocab_size}); set model.vocab_size: ${{data.vocab_size}} or larger")
-    T, B, accum = cfg.model.block_size, tc.batch_size, tc.grad_accum
-    model = build_model(cfg.model).to(device)
-    optimizer = instantiate(cfg.optim)(model)
-    schedule = instantiate(cfg.schedule)
-    params = [p for p in model.parameters() if p.requires_grad]
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-
-    start, tokens, ckpt_dir = 0, 0, run_dir / "checkpoints"
-    ckpt = latest_checkpoint(ckpt_dir) if tc.resume else None
-    if tc.resume is True and ckpt is None:
-        raise ConfigError(f"trainer.resume=true but {ckpt_dir} holds no checkpoint; point hydra.run.dir at the run "
-                          "to resume, or use trainer.resume=auto to start afresh when there is none")
-    if ckpt is not None:
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-        _check_resume_config(state["config"], resolved)
-        state = load_checkpoint(ckpt, model, optimizer)
-        start, tokens = state["step"], state["tokens"]
-        set_rng_state(state["rng"])
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    save_tokenizer(source, run_dir)
-
-    accuracy = source.metric == "accuracy"
-    columns = ["step", "tokens", "train_loss", "val_loss", "val_ppl", "lr", "tokens_per_s", "grad_norm", "mfu"]
-    log = MetricsLog(run_dir / "metrics.csv", columns + (["val_acc"] if accuracy else []),
-                     keep_until=start if ckpt is not None else None)
-    val = source.val_batches(tc.eval_batches, B, T)
-    fpt, peak = flops_per_token(model, T), peak_flops(device, tc.get("peak_flops"))
-    loss_fn = torch.compile(model.loss) if tc.compile else model.loss
-    n_params = model.num_params()
-    _update_run_json(run_dir, status="running", step=start, max_steps=tc.max_steps, params=n_params,
-                     metric=source.metric, data=source.describe(), flops_per_token=fpt)
-    print(f"smollm-train: {cfg.model.name}, {n_params:,} parameters, {source.describe()}; "
-          f"{tc.max_steps} steps of {B * accum} x {T} tokens on {device}; run dir {run_dir}"
-          + (f"; resumed from {ckpt.name}" if ckpt is not None else ""), flush=True)
-
-    def state_now(step):
-        return {"tokens": tokens, "rng": rng_state(), "config": resolved, "data": {"step": step, "seed": cfg.seed},
-                "schedule": {"class": type(schedule).__name__, "factor": schedule(step)}}
-
-    from tqdm import tqdm
-    bar = tqdm(total=tc.max_steps, initial=start, desc="train", dynamic_ncols=True, disable=not tc.get("progress", True))
-    since = dict(loss=0.0, n=0, t=0.0, tokens=0)
-    last_eval, eval_step, ema, t_train, t_steady, step, end = None, None, None, 0.0, 0.0, start, min(tc.max_steps, stop_at or tc.max_steps)
-    try:
-        while step < end:
-            t0 = time.perf_counter()
-            lr_factor = schedule(step)
-            for g in optimizer.param_groups: g["lr"] = g["base_lr"] * lr_factor
-            batches = [source.batch("train", step * accum + i, B, T, cfg.seed) for i in range(accum)]
-            loss = accumulate(loss_fn, batches, device, tc.precision)
-            clip = tc.grad_clip if tc.grad_clip else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            loss_v, gn = torch.stack([loss, grad_norm.to(loss)]).tolist()
-            if not (math.isfinite(loss_v) and math.isfinite(gn)):
-                last = latest_checkpoint(ckpt_dir)
-                raise TrainingError(f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step "
-                                    f"{step + 1} (loss {loss_v}, grad norm {gn}, lr {optimizer.param_groups[0]['lr']:.3g}); "
-                                    f"stopped; the last good checkpoint is "
-                                    f"{last if last else 'none (no checkpoint was written yet)'}")
-            optimizer.step(); optimizer.zero_grad(set_to_none=True)
-            step, tokens = step + 1, tokens + B * accum * T
-            dt = time.perf_counter() - t0
-            t_train += dt
-            if step > start + 1: t_steady += dt     # the first step of a process pays one-off set-up costs
-            since.update(loss=since["loss"] + loss_v, n=since["n"] + 1, t=since["t"] + dt, tokens=since["tokens"] + B * accum * T)
-            bar.update(1)
-            ema = loss_v if ema is None else 0.9 * ema + 0.1 * loss_v    # smoothed for the bar only
-            bar.set_postfix(loss=f"{ema:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                            tok_s=f"{since['tokens'] / max(since['t'], 1e-9):,.0f}", refresh=False)
-            is_eval = step % tc.eval_every == 0 or step == tc.max_steps
-            if step % tc.log_every == 0 or is_eval or step == end:
-                tps = since["tokens"] / max(since["t"], 1e-9)
-                row = dict(step=step, tokens=tokens, train_loss=since["loss"] / since["n"],
-                           lr=optimizer.param_groups[0]["lr"], tokens_per_s=tps, grad_norm=gn,
-                           mfu=tps * fpt / peak if peak else None)
-                if is_eval:
-                    last_eval, eval_step = evaluate(model, val, device, tc.precision, accuracy), step
-                    row.update(last_eval)
-                log.write(row)
-                since = dict(loss=0.0, n=0, t=0.0, tokens=0)
-            if step % tc.ckpt_every == 0 or step == end:
-                save_checkpoint(ckpt_dir, step, model, optimizer, state_now(step), keep=tc.get("keep_checkpoints", 1))
-                _update_run_json(run_dir, step=step)
-    except BaseException as e:
-        _update_run_json(run_dir, status="failed" if isinstance(e, Exception) else "interrupted",
-                         error=f"{type(e).__name__}: {e}", step=step)
-        raise
-    finally:
-        bar.close(); log.close()
-
-    rows = read_metrics(run_dir / "metrics.csv")
-    plot_metrics(rows, run_dir / "loss.png", title=f"{cfg.model.name} on {getattr(source, 'kind', 'data')}")
-    if step < tc.max_steps:
-        _update_run_json(run_dir, status="stopped", step=step)
-        print(f"smollm-train: stopped at step {step} of {tc.max_steps} (checkpoint saved); resume with "
+# %% ../nbs/21_train.ipynb #b9cec0da
+def finish(run: TrainRun, t_start: float) -> dict:
+    """After the loop: loss.png; then, if max_steps was reached, samples.txt, a last evaluation when the last step
+    had none, the summary in run.json and the closing line. Returns the summary ({'status': 'stopped'} if not)."""
+    tc, src, T = run.tc, run.source, run.cfg.model.block_size
+    plot_metrics(read_metrics(run.run_dir / "metrics.csv"), run.run_dir / "loss.png",
+                 title=f"{run.cfg.model.name} on {getattr(src, 'kind', 'data')}")
+    if run.step < tc.max_steps:
+        update_run_json(run.run_dir, status="stopped", step=run.step)
+        print(f"smollm-train: stopped at step {run.step} of {tc.max_steps} (checkpoint saved); resume with "
               f"trainer.resume=true and the same run directory", flush=True)
-        return {"status": "stopped", "step": step}
+        return {"status": "stopped", "step": run.step}
     from smollm.data import unigram_loss
-    unigram = unigram_loss(source)
-    write_samples(model, source, val, run_dir / "samples.txt", tc.get("samples", 3), tc.get("sample_tokens", 48), T)
-    if eval_step != step:      # e.g. a resumed run that had already finished
-        last_eval = evaluate(model, val, device, tc.precision, accuracy)
-    summary = dict(status="done", step=step, tokens=tokens, params=n_params, metric=source.metric,
-                   unigram_loss=unigram, train_seconds=t_train,
-                   tokens_per_s=((step - start - 1) * B * accum * T / t_steady) if t_steady else None, **last_eval)
-    _update_run_json(run_dir, **summary)
-    vl = last_eval["val_loss"]
-    what = (f"validation accuracy {last_eval['val_acc']:.3f} at the query positions (chance: {math.exp(-unigram):.3f}), "
-            f"validation loss {vl:.3f}" if accuracy else
-            f"validation loss {vl:.3f} nats/token (perplexity {last_eval['val_ppl']:.1f}), "
-            f"{unigram - vl:.2f} below the unigram baseline {unigram:.3f} (a model that ignores context)")
-    print(f"smollm-train: done in {_hms(time.perf_counter() - t_start)}: {step} steps, {tokens:,} tokens "
-          f"({summary['tokens_per_s'] or 0:,.0f} tokens/s). Final {what}. In {run_dir}: metrics.csv, loss.png, "
-          f"samples.txt, checkpoints/", flush=True)
+    unigram = unigram_loss(src)
+    write_samples(run.model, src, run.val, run.run_dir / "samples.txt", tc.get("samples", 3), tc.get("sample_tokens", 48), T)
+    if run.eval_step != run.step:      # e.g. a resumed run that had already finished
+        run.last_eval = evaluate(run.model, run.val, run.device, tc.precision, run.accuracy)
+    steady_tokens = (run.step - run.start - 1) * run.tokens_per_step
+    summary = dict(status="done", step=run.step, tokens=run.tokens, params=run.model.num_params(), metric=src.metric,
+                   unigram_loss=unigram, train_seconds=run.t_train,
+                   tokens_per_s=steady_tokens / run.t_steady if run.t_steady else None, **run.last_eval)
+    update_run_json(run.run_dir, **summary)
+    print(final_line(summary, time.perf_counter() - t_start, run.run_dir), flush=True)
     return summary
 
 def write_samples(model, source, val, path, n: int, new_tokens: int, max_len: int):
@@ -513,7 +481,7 @@ def write_samples(model, source, val, path, n: int, new_tokens: int, max_len: in
     if source.tokenizer is None:
         Path(path).write_text(f"data={getattr(source, 'kind', 'this source')} has no text to sample; see val_acc in metrics.csv\n")
         return
-    from smollm.generate import generate
+    from smollm.generate import generate   # one way: generate imports nothing of train
     x, out = val[0][0], []
     prompt_len = min(16, max_len - 1)
     for i in range(min(n, x.shape[0])):
@@ -523,20 +491,36 @@ def write_samples(model, source, val, path, n: int, new_tokens: int, max_len: in
                    f"{source.decode(ids.tolist())}\n")
     Path(path).write_text("\n".join(out))
 
-# %% ../nbs/21_train.ipynb #41c1652e
-def load_run(run_dir, checkpoint: str | None = None, device="cpu") -> tuple[nn.Module, DictConfig]:
-    "(model in eval mode, resolved config) of a smollm-train run folder, at its latest checkpoint or `checkpoint` (e.g. 'step_0000100')."
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a smollm-train run folder: it has no config.yaml")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    ckpt = run_dir / "checkpoints" / checkpoint if checkpoint else latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None or not ckpt.is_dir():
-        found = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
-        raise FileNotFoundError(f"{run_dir}: checkpoint {checkpoint or '(latest)'} not found; there are: {found or 'none'}")
-    model = build_model(cfg.model).to(device)
-    load_checkpoint(ckpt, model)
-    return model.eval(), cfg
+# %% ../nbs/21_train.ipynb #7a7a38bf
+def train(cfg: DictConfig, run_dir=None, source=None, stop_at: int | None = None) -> dict:
+    """Train the model of a composed config `cfg` (see `smollm.config.compose`), writing into `run_dir` (default: the
+    current folder). source: a data source to use instead of `build_data(cfg.data)`; stop_at: stop after that step
+    (with a checkpoint). Returns the summary that also goes to run.json."""
+    t_start = time.perf_counter()
+    run = set_up(cfg, run_dir, source)
+    resume(run)
+    open_run(run)
+    tc = run.tc
+    end = min(tc.max_steps, stop_at or tc.max_steps)
+    bar = progress_bar(total=tc.max_steps, initial=run.start, desc="train", enabled=tc.get("progress", True))
+    try:
+        while run.step < end:
+            t0 = time.perf_counter()
+            loss, grad_norm = train_step(run)
+            run.count(loss, time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{run.ema:.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
+                            tok_s=f"{run.since['tokens'] / max(run.since['t'], 1e-9):,.0f}", refresh=False)
+            log_metrics(run, grad_norm, last=run.step == end)
+            if run.step % tc.ckpt_every == 0 or run.step == end:
+                checkpoint(run)
+    except BaseException as e:
+        update_run_json(run.run_dir, status="failed" if isinstance(e, Exception) else "interrupted",
+                        error=f"{type(e).__name__}: {e}", step=run.step)
+        raise
+    finally:
+        bar.close(); run.log.close()
+    return finish(run, t_start)
 
 # %% ../nbs/21_train.ipynb #b61bac57
 def main():

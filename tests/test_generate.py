@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from smollm.config import compose
-from smollm.generate import PreallocatedKVCache, chat_cli, generate, generate_cli, load_model
+from smollm.generate import PreallocatedKVCache, chat_cli, generate, generate_cli
+from smollm.runs import load_model
 from smollm.config import build_model
 
 V = 128

@@ -33,9 +33,8 @@ def test_welch_textbook_example():
     assert (t2, df2, p2) == pytest.approx((-t, df, p))
 
 
-SWEEP = ["data=mqar", "data.vocab_size=64", "data.num_kv_pairs=4", "model.dim=32", "model.n_layers=2",
-         "model.n_heads=4", "model.mlp_hidden=64", "model.block_size=32", "trainer.batch_size=8",
-         "trainer.progress=false", "schedule.warmup_steps=2", "trainer.max_steps=6", "trainer.log_every=2",
+SWEEP = ["model=tiny", "model.block_size=32", "data=mqar", "data.vocab_size=64", "data.num_kv_pairs=4",
+         "trainer.batch_size=8", "trainer.progress=false", "schedule.warmup_steps=2", "trainer.max_steps=6", "trainer.log_every=2",
          "trainer.eval_every=3", "trainer.eval_batches=2", "trainer.ckpt_every=100"]
 
 

@@ -14,14 +14,14 @@ import torch
 
 from smollm.config import ConfigError, compose
 from smollm.config import build_model
-from smollm.train import (MetricsLog, TrainingError, adamw, latest_checkpoint, load_checkpoint, read_metrics,
-                          save_checkpoint, train)
+from smollm.runs import (MetricsLog, latest_checkpoint, load_checkpoint, read_checkpoint_state, read_metrics, rng_state,
+                         save_checkpoint, set_rng_state)
+from smollm.train import TrainingError, adamw, final_line, resume, set_up, train
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
-TINY = ["data=mqar", "data.vocab_size=64", "data.num_kv_pairs=4", "model.dim=32", "model.n_layers=2",
-        "model.n_heads=4", "model.n_kv_heads=2", "model.mlp_hidden=64", "model.block_size=32",
+TINY = ["model=tiny", "model.block_size=32", "data=mqar", "data.vocab_size=64", "data.num_kv_pairs=4",
         "trainer.batch_size=8", "trainer.progress=false", "schedule.warmup_steps=2", "trainer.log_every=1",
         "trainer.eval_every=4", "trainer.eval_batches=2", "trainer.max_steps=8"]
 
@@ -176,8 +176,7 @@ def test_command_line_on_text(tmp_path):
     "smollm-train on a small slice of the embedded corpus: artifacts, samples, the summary line."
     run = tmp_path / "run"
     env = {**os.environ, "SMOLLM_CACHE": str(tmp_path / "cache")}
-    args = ["data=pystdlib", "data.max_files=20", "data.vocab_size=300", "model.dim=32", "model.n_layers=2",
-            "model.n_heads=4", "model.n_kv_heads=2", "model.mlp_hidden=64", "model.block_size=32",
+    args = ["model=tiny", "model.block_size=32", "data=pystdlib", "data.max_files=20", "data.vocab_size=300",
             "trainer.max_steps=6", "trainer.batch_size=4", "trainer.log_every=2", "trainer.eval_every=3",
             "trainer.eval_batches=2", "trainer.ckpt_every=3", "trainer.sample_tokens=8", "schedule.warmup_steps=2",
             f"hydra.run.dir={run}"]
@@ -195,7 +194,8 @@ def test_command_line_on_text(tmp_path):
     assert (run / "samples.txt").read_text().count("--- continuation ---") == 3
     assert "data:" in (run / "config.yaml").read_text() and "${" not in (run / "config.yaml").read_text()
     # the run folder is a checkpoint smollm-generate reads: its model and its tokenizer
-    from smollm.generate import generate, load_model
+    from smollm.generate import generate
+    from smollm.runs import load_model
     from smollm.hf import load_tokenizer
     tok, model = load_tokenizer(run), load_model(run)
     ids = torch.tensor([tok.encode("def ")])
@@ -206,12 +206,47 @@ def test_command_line_on_text(tmp_path):
     assert g.stdout.rstrip("\n") == expected.rstrip("\n")
 
 
+def test_final_line_says_above_or_below_the_baseline(tmp_path):
+    s = dict(step=8, tokens=4096, tokens_per_s=1000.0, metric="loss", val_loss=6.9, val_ppl=992.3, unigram_loss=6.6)
+    assert "0.30 above the unigram baseline 6.600" in final_line(s, 5.0, tmp_path)
+    assert "-0.30" not in final_line(s, 5.0, tmp_path)
+    assert "2.10 below the unigram baseline 6.600" in final_line({**s, "val_loss": 4.5}, 5.0, tmp_path)
+
+
+def draws():
+    "One draw from each generator a run may use: torch's, Python's and NumPy's."
+    import random
+    import numpy as np
+    return torch.rand(3).tolist(), random.random(), np.random.rand(2).tolist()
+
+
+def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
+    m = build_model(cfg_of().model)
+    state = rng_state()
+    save_checkpoint(tmp_path, 1, m, adamw(m), {"rng": state})
+    expected = draws()
+    assert draws() != expected                   # the generators moved on
+    set_rng_state(read_checkpoint_state(latest_checkpoint(tmp_path))["rng"])
+    assert draws() == expected
+
+
+def test_resume_restores_the_rng_states(tmp_path):
+    "A resumed run continues the generators from the checkpoint, not from a fresh seed."
+    run = set_up(cfg_of(), tmp_path)
+    draws()                                      # randomness drawn during training (dropout, say)
+    save_checkpoint(run.ckpt_dir, 3, run.model, run.optimizer, run.state())
+    expected = draws()
+    back = set_up(cfg_of("trainer.resume=true"), tmp_path)   # seeded afresh from cfg.seed, as a new process is
+    assert resume(back).name == "step_0000003" and back.step == 3
+    assert draws() == expected
+
+
 def test_resume_errors(tmp_path):
     with pytest.raises(ConfigError, match="trainer.resume=true but .* holds no checkpoint"):
         train(cfg_of("trainer.resume=true"), tmp_path)
     train(cfg_of("trainer.max_steps=2"), tmp_path)
-    with pytest.raises(ConfigError, match=r"model.dim=32 there, 64 now"):
-        train(cfg_of("trainer.max_steps=4", "trainer.resume=true", "model.dim=64"), tmp_path)
+    with pytest.raises(ConfigError, match=r"model.dim=64 there, 32 now"):
+        train(cfg_of("trainer.max_steps=4", "trainer.resume=true", "model.dim=32"), tmp_path)
     assert train(cfg_of("trainer.resume=auto"), tmp_path / "fresh")["status"] == "done"   # auto: none yet, start
 
 
