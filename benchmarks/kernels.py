@@ -20,8 +20,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-OPS = ["rmsnorm", "rope", "swiglu", "cross_entropy", "attention"]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+# one benchmark module per op, benchmarks/kernels_<op>.py, each with run(quick, device) -> rows: adding the file adds the op
+OPS = sorted(f.stem.removeprefix("kernels_") for f in HERE.glob("kernels_*.py"))
 
 
 def copy_bandwidth_gbps(device: str) -> float | None:

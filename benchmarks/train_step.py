@@ -1,10 +1,10 @@
 """One training step on the CPU: smollm against transformers' LlamaForCausalLM, same architecture and weights.
 
-A step is forward, loss, backward and an AdamW update. Both models have the tinyllama_nano shape (dim 256,
-4 layers, 8 heads, 2 KV heads, MLP 704, vocab 8192) and the same weights (smollm's written with
+A step is forward, loss, backward and an AdamW update. Both models are the tinyllama_nano preset
+(conf/model/tinyllama_nano.yaml) with a vocabulary of VOCAB tokens, and hold the same weights (smollm's written with
 `smollm.hf.to_hf`); they alternate step by step in one process, and the table gives the medians.
 
-    .venv/bin/python benchmarks/train_step.py                  # batch 8 x 256
+    .venv/bin/python benchmarks/train_step.py                  # the default batch and length
     .venv/bin/python benchmarks/train_step.py --batch 4 --seq 128 --reps 3 --threads 1
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ import tempfile
 import time
 
 import torch
+
+VOCAB = 8192   # the vocabulary size both models get
 
 
 def main():
@@ -34,15 +36,15 @@ def main():
     from smollm.config import build_model
 
     torch.manual_seed(0)
-    cfg = compose(["model=tinyllama_nano", "data.vocab_size=8192", "model.kernels=torch"])
+    cfg = compose(["model=tinyllama_nano", f"data.vocab_size={VOCAB}", "model.kernels=torch"])
     ours = build_model(cfg.model).train()
     with tempfile.TemporaryDirectory() as d:
         to_hf(ours, d)
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa").train()
-    ids = torch.randint(0, 8192, (args.batch, args.seq + 1))
+    ids = torch.randint(0, VOCAB, (args.batch, args.seq + 1))
     x, y = ids[:, :-1], ids[:, 1:]
 
-    # same weights, same loss: HF's labels are shifted inside, so compare on the same 255 targets per row
+    # same weights, same loss: HF's labels are shifted inside, so compare on the same seq - 1 targets per row
     with torch.no_grad():
         a = ours.loss(x[:, :-1], x[:, 1:]).item()
         b = hf(input_ids=x, labels=x).loss.item()
