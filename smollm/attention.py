@@ -334,6 +334,13 @@ class SelfAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim or dim // n_heads
         self.window, self.softcap, self.backend = window, softcap, backend
 
+    def needs(self, positional=None) -> set[str]:
+        "The capabilities (keys of CAPABILITIES) this layer uses; with `positional`, what its score bias needs too."
+        used = {o for o, v in (("window", self.window), ("softcap", self.softcap),
+                               ("sinks", getattr(self, "sinks", None))) if v is not None}
+        need = None if positional is None else bias_need(positional)
+        return used | ({need} if need else set())
+
     def new_cache(self, capacity: int | None = None) -> GrowingCache | StaticCache:
         "An empty cache: a GrowingCache, or with `capacity` a StaticCache of that many slots (compiled decoding)."
         if capacity is None:

@@ -10,8 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 # %% auto #0
-__all__ = ['CAPACITY_MULTIPLE', 'sample_next', 'PreallocatedKVCache', 'generate', 'TextStreamer', 'generate_cli',
-           'chat_cli']
+__all__ = ['CAPACITY_MULTIPLE', 'sample_next', 'generate', 'TextStreamer', 'generate_cli', 'chat_cli']
 
 # %% ../nbs/30_generate.ipynb #18f1ab97
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -31,40 +30,22 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
-# %% ../nbs/30_generate.ipynb #afea87f1
-class PreallocatedKVCache:
-    "A KV cache for one attention layer with room for `capacity` tokens: update writes in place (grows if it must)."
-    key_pos = None   # the keys update returns are the latest S positions, as for KVCache
-
-    def __init__(self, capacity: int):
-        self.capacity, self.n = capacity, 0
-        self.kbuf = self.vbuf = None   # (B, Hkv, capacity, hd)
-
-    @property
-    def length(self) -> int:
-        return self.n
-
-    @property
-    def k(self): return None if self.kbuf is None else self.kbuf[:, :, :self.n]
-    @property
-    def v(self): return None if self.vbuf is None else self.vbuf[:, :, :self.n]
-
-    def update(self, k: torch.Tensor, v: torch.Tensor):
-        "Append k (B, Hkv, T, hd) and v (B, Hkv, T, hdv); return views of all keys and values so far (B, Hkv, S, .)."
-        n = self.n + k.shape[2]
-        if self.kbuf is None or n > self.kbuf.shape[2]:
-            cap = max(n, self.capacity if self.kbuf is None else 2 * self.kbuf.shape[2])
-            kb, vb = (x.new_empty(*x.shape[:2], cap, x.shape[3]) for x in (k, v))
-            if self.kbuf is not None:
-                kb[:, :, :self.n], vb[:, :, :self.n] = self.kbuf[:, :, :self.n], self.vbuf[:, :, :self.n]
-            self.kbuf, self.vbuf = kb, vb
-        self.kbuf[:, :, self.n:n] = k
-        self.vbuf[:, :, self.n:n] = v
-        self.n = n
-        return self.kbuf[:, :, :n], self.vbuf[:, :, :n]
-
 # %% ../nbs/30_generate.ipynb #33dd0594
+def _check_input_ids(model, input_ids: torch.Tensor):
+    "Raise ValueError unless input_ids is a (B, T) integer tensor, T >= 1, of ids in 0..model.vocab_size - 1."
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64) or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a (B, T) integer tensor with T >= 1, got {input_ids.dtype} of shape "
+                         f"{tuple(input_ids.shape)} (one prompt: ids[None])")
+    V = getattr(model, "vocab_size", None)
+    if V is not None and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
+        bad = sorted({int(t) for t in input_ids.flatten() if not 0 <= int(t) < V})
+        raise ValueError(f"input_ids hold token ids {bad[:10]}{' ...' if len(bad) > 10 else ''} outside the model's "
+                         f"vocabulary 0..{V - 1} (a tokenizer for another model? padding with -1 or -100? pad "
+                         "with a real id and pass attention_mask)")
+
+# %% ../nbs/30_generate.ipynb #d2793f63
 def _eos_ids(eos_id) -> list[int]:
+    "eos_id (None, an id, or ids) as a list of ids."
     return [] if eos_id is None else [int(eos_id)] if isinstance(eos_id, int) else [int(e) for e in eos_id]
 
 def _check_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -78,20 +59,9 @@ def _check_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.
                          "ones (the prompt), ending in a one; pad prompts on the left")
     return m
 
-def _step(model, ids, cache, key_mask):
-    "One forward over ids (B, T) with the cache: the last position's logits (B, V)."
-    return model(ids, cache=cache, key_mask=key_mask)[:, -1]
-
-@functools.cache
-def _compiled_step():
-    # one compiled function for every model: dynamo treats a module's parameters as inputs, so models of the same
-    # shapes share a graph. A new capacity or batch size recompiles with that size symbolic (dynamo's automatic
-    # dynamic shapes), so most later sizes reuse a graph: five prompt/length pairs gave three graphs
-    return torch.compile(_step)
-
-CAPACITY_MULTIPLE = 64   # compile=True rounds the static cache up to this, so nearby lengths share a compiled step
-
+# %% ../nbs/30_generate.ipynb #df1fbc17
 def _check_options(max_new_tokens, temperature, top_k, top_p, use_cache, compile):
+    "Raise ValueError naming the first impossible option of `generate`."
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a non-negative integer")
     if temperature < 0:
@@ -103,6 +73,35 @@ def _check_options(max_new_tokens, temperature, top_k, top_p, use_cache, compile
     if compile and not use_cache:
         raise ValueError("compile=True compiles the cached decoding step; it needs use_cache=True")
 
+# %% ../nbs/30_generate.ipynb #2a77a94c
+CAPACITY_MULTIPLE = 64   # compile=True rounds the static cache up to this, so nearby lengths share a compiled step
+
+def _new_cache(model, input_ids: torch.Tensor, max_new_tokens: int, key_mask: torch.Tensor | None, static: bool):
+    """The model's decoding cache for input_ids (B, T) and max_new_tokens more, and key_mask (B, T) or None
+    widened to every slot of a static cache. static: fixed-size caches for a compiled step."""
+    (B, T), room = input_ids.shape, input_ids.shape[1] + max_new_tokens
+    if not static:
+        return model.new_cache(), key_mask
+    limit = model.positional.max_positions
+    if limit is not None and room > limit:
+        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {room} tokens, but the positional "
+                         f"encoding {type(model.positional).__name__} has {limit} positions (model.block_size)")
+    capacity = -(-room // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+    if key_mask is not None:
+        key_mask = torch.cat([key_mask, key_mask.new_ones(B, capacity - T)], dim=1)
+    return model.new_cache(capacity=capacity), key_mask
+
+# %% ../nbs/30_generate.ipynb #48ed52c6
+def _step(model, ids, cache, key_mask):
+    "One forward over ids (B, T) with the cache: the last position's logits (B, V)."
+    return model(ids, cache=cache, key_mask=key_mask)[:, -1]
+
+@functools.cache
+def _compiled_step():
+    "`_step` through torch.compile, one for every model; a new capacity or batch size recompiles it with that size symbolic."
+    return torch.compile(_step)
+
+# %% ../nbs/30_generate.ipynb #16f1b4b1
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, eos_id: int | Sequence[int] | None = None,
@@ -115,15 +114,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     attention_mask (B, T): 1 for prompt tokens, 0 for left padding (None: no padding).
     callback(tokens (B,)): called with each step's new tokens; returning True stops generation.
     compile: decode with a static cache and a `torch.compile`d step (the first call of a shape compiles: seconds)."""
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32, torch.int64) or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a (B, T) integer tensor with T >= 1, got {input_ids.dtype} of shape "
-                         f"{tuple(input_ids.shape)} (one prompt: ids[None])")
-    V = getattr(model, "vocab_size", None)
-    if V is not None and input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= V):
-        bad = sorted({int(t) for t in input_ids.flatten() if not 0 <= int(t) < V})
-        raise ValueError(f"input_ids hold token ids {bad[:10]}{' ...' if len(bad) > 10 else ''} outside the model's "
-                         f"vocabulary 0..{V - 1} (a tokenizer for another model? padding with -1 or -100? pad "
-                         "with a real id and pass attention_mask)")
+    _check_input_ids(model, input_ids)
     _check_options(max_new_tokens, temperature, top_k, top_p, use_cache, compile)
     eos = _eos_ids(eos_id)
     pad = pad_id if pad_id is not None else (eos[0] if eos else 0)
@@ -134,19 +125,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     eos_t = torch.tensor(eos, device=dev, dtype=torch.long)
     was_training = model.training
     model.eval()
-    cache, step, room = None, _step, input_ids.shape[1] + max_new_tokens
-    if use_cache and compile:   # fixed shapes: static caches, and a mask over all their slots
-        from smollm.positional import LearnedAbsolute
-        if isinstance(model.positional, LearnedAbsolute) and room > model.positional.max_seq_len:
-            raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) = {room} tokens, but the "
-                             f"learned position table has {model.positional.max_seq_len} rows (model.block_size)")
-        capacity = -(-room // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
-        cache = model.new_cache(capacity=capacity)
-        if key_mask is not None:
-            key_mask = torch.cat([key_mask, key_mask.new_ones(B, capacity - input_ids.shape[1])], dim=1)
-    elif use_cache:   # plain KV caches become preallocated ones; other kinds (MLA's latent cache) stay
-        from smollm.attention import KVCache
-        cache = [PreallocatedKVCache(room) if type(c) is KVCache else c for c in model.new_cache()]
+    cache, step = None, _step
+    if use_cache:
+        cache, key_mask = _new_cache(model, input_ids, max_new_tokens, key_mask, static=compile)
     out = seq = input_ids.long()     # out: what is returned; seq: what the model reads (no pad ids in it)
     step_ids = seq
     finished = torch.zeros(B, dtype=torch.bool, device=dev)

@@ -1,8 +1,9 @@
 """The attention family (smollm.attention): every config option x every positional encoding.
 
 Attention options are the yaml files of conf/model/attention plus the overrides in EXTRA; positional encodings
-are whatever conf/model/positional holds, so new files of either group are picked up as they land.
-References are written out here with plain tensor ops (no smollm.kernels, no sdpa).
+are whatever conf/model/positional holds, so new files of either group are picked up as they land. Backends are
+smollm.attention.BACKENDS, and what each supports is read from its class, so a new backend or a new capability
+is picked up too. References are written out here with plain tensor ops (no smollm.kernels, no sdpa).
 """
 import functools
 import math
@@ -10,13 +11,13 @@ import math
 import pytest
 import torch
 
-from smollm.attention import MLA, Attention, KVCache, LatentCache
-from smollm.config import compose, options, validate
-from smollm.config import build_model
+from smollm.attention import (BACKENDS, CAPABILITIES, MLA, Attention, GrowingCache, StaticCache, attend, bias_need,
+                              supporting)
+from smollm.config import build_model, compose, options
+from smollm.errors import ArgumentError
 from smollm.positional import NoPE, Positional, RoPE
 
-TINY = ("model.n_layers=2", "data.vocab_size=256", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.mlp_hidden=128", "model.block_size=64")
+TINY = ("model=tiny", "data.vocab_size=256")
 V, T = 256, 12
 
 ATTN = {name: (f"model/attention={name}",) for name in options("model/attention")}
@@ -26,7 +27,7 @@ EXTRA = {
     "all_options": ("model/attention=gqa", "model.attention.qkv_bias=true", "model.attention.qk_norm=true",
                     "model.attention.output_gate=true", "model.attention.sinks=true", "++model.attention.window=4"),
     "softcap_bites": ("model/attention=softcap", "model.attention.softcap=0.05", "++model.attention.window=5"),
-    "softcap_triton": ("model/attention=softcap", "model.attention.backend=triton"),
+    "softcap_fused": ("model/attention=softcap", "model.attention.backend=fused"),
     "pattern_SG": ("model/attention=sliding_window", "model.attention.window=4", "model.layer_pattern=SG"),
     "pattern_SN": ("model/attention=sinks", "++model.attention.window=3", "model.layer_pattern=SN"),
     "mla_q_lora_window": ("model/attention=mla", "model.attention.q_lora_rank=24", "model.attention.kv_lora_rank=16",
@@ -48,7 +49,7 @@ def config(attn: str, pos: str = "rope", **attention):
     cfg.model.positional = _compose((f"model/positional={pos}",)).model.positional
     for key, value in attention.items():
         cfg.model.attention[key] = value
-    return validate(cfg)
+    return cfg
 
 
 def model(attn: str, pos: str = "rope", **attention):
@@ -56,21 +57,24 @@ def model(attn: str, pos: str = "rope", **attention):
     return build_model(config(attn, pos, **attention).model).eval()
 
 
-def fused_bias_unsupported(m) -> bool:
-    "Does the model's positional add a score bias that the fused kernel cannot (it applies ALiBi slopes only)?"
-    p = m.positional
-    return p.alibi_slopes is None and p.bias(torch.arange(3), torch.arange(3)) is not None
+def needs(m) -> set[str]:
+    "The capabilities (keys of CAPABILITIES) that the first layer of model m uses with m's positional encoding."
+    return m.layers[0].attn.needs(m.positional)
+
+
+def refused(attn: str, pos: str) -> str | None:
+    """The error pattern if the backend of `attn` lacks what positional `pos` needs (read from the classes), else None.
+    The model is built on eager, which supports everything, to ask its positional."""
+    need = bias_need(model(attn, pos, backend="eager").positional)
+    backend = config(attn, pos).model.attention.get("backend", "sdpa")
+    if need is None or need in BACKENDS[backend].supports:
+        return None
+    return f"backend='{backend}' is not valid: .*backends that can: {', '.join(supporting(need))}"
 
 
 def backends(m) -> list[str]:
-    "The backends that support the model's attention options."
-    a = m.layers[0].attn
-    out = ["eager"]
-    if a.softcap is None:
-        out.append("sdpa")
-    if getattr(a, "sinks", None) is None and not fused_bias_unsupported(m):
-        out.append("triton")
-    return out
+    "The backends whose classes declare every capability the model's attention uses."
+    return [name for name, b in BACKENDS.items() if needs(m) <= b.supports]
 
 
 def ids(B=2, n=T):
@@ -85,6 +89,7 @@ def decode(m, x, prefill=5, key_mask=None):
     steps += [m(x[:, t:t + 1], cache, key_mask=km(t + 1)) for t in range(prefill, n)]
     assert cache[0].length == n
     return torch.cat(steps, 1)
+
 
 
 # ---- every option builds and trains ------------------------------------------------------------------------
@@ -117,11 +122,11 @@ def test_options_take_effect():
 @pytest.mark.parametrize("pos", POS)
 @pytest.mark.parametrize("attn", ATTN)
 def test_causal(attn, pos):
-    m = model(attn, pos)
-    if m.layers[0].attn.backend == "triton" and fused_bias_unsupported(m):
-        with pytest.raises(ValueError, match="backend='triton' cannot add the score bias"):
-            m(ids())
+    if err := refused(attn, pos):      # refused when the model is built (a ConfigError naming the key), or when it runs
+        with pytest.raises(ValueError, match=err):
+            model(attn, pos)(ids())
         return
+    m = model(attn, pos)
     x = ids(1)
     for t in (0, 6, T - 1):
         y = x.clone()
@@ -135,9 +140,9 @@ def test_causal(attn, pos):
 @pytest.mark.parametrize("pos", POS)
 @pytest.mark.parametrize("attn", ATTN)
 def test_cache_decoding_equals_full_forward(attn, pos):
+    if refused(attn, pos):
+        pytest.skip(f"{attn}'s backend cannot apply {pos}'s score bias: refused (test_causal checks it)")
     m = model(attn, pos)
-    if m.layers[0].attn.backend == "triton" and fused_bias_unsupported(m):
-        pytest.skip("triton backend with a score bias: raises (test_causal checks it)")
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(decode(m, x), m(x), atol=1e-5, rtol=1e-4)
@@ -210,8 +215,8 @@ def attention_reference(a: Attention, x):
 @pytest.mark.parametrize("kv", [4, 2, 1])
 def test_attention_matches_reference(opts, kv):
     x = torch.randn(2, 10, 32)
-    for backend in ("sdpa", "eager", "triton"):
-        if (backend == "sdpa" and "softcap" in opts) or (backend == "triton" and "sinks" in opts):
+    for backend in BACKENDS:
+        if not set(opts) & set(CAPABILITIES) <= BACKENDS[backend].supports:
             continue
         torch.manual_seed(0)
         a = Attention(32, 4, kv, backend=backend, **opts)
@@ -231,7 +236,7 @@ def test_attention_matches_reference(opts, kv):
                 assert (plain(x, r, torch.arange(10)) - a(x, r, torch.arange(10))).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("backend", supporting("sinks"))
 def test_very_negative_sink_is_plain_attention(backend):
     x, r, pos = torch.randn(2, 9, 32), RoPE(32, 4, 8, 16), torch.arange(9)
     a = Attention(32, 4, 2, sinks=True, backend=backend)
@@ -274,8 +279,8 @@ def mla_reference(a: MLA, x):
                                   dict(softcap=0.5, kv_lora_rank=6)], ids=lambda o: "+".join(o) or "plain")
 def test_mla_matches_absorbed_reference(opts):
     x = torch.randn(2, 10, 32)
-    for backend in ("sdpa", "eager", "triton"):
-        if backend == "sdpa" and "softcap" in opts:
+    for backend in BACKENDS:
+        if not set(opts) & set(CAPABILITIES) <= BACKENDS[backend].supports:
             continue
         torch.manual_seed(0)
         a = MLA(32, 4, backend=backend, **opts)
@@ -290,10 +295,14 @@ def test_mla_cache_holds_the_latent():
     cache = m.new_cache()
     with torch.no_grad():
         m(ids(2, 7), cache)
-    assert all(isinstance(c, LatentCache) for c in cache) and set(vars(cache[0])) == {"latent"}
-    assert cache[0].latent.shape == (2, 7, 24 + 8)
+    assert all(isinstance(c, GrowingCache) for c in cache) and [t.shape for t in cache[0].tensors] == [(2, 7, 24 + 8)]
     assert 24 + 8 < 2 * a.n_heads * a.head_dim                 # what a KV cache of full keys and values holds
-    assert isinstance(model("gqa").new_cache()[0], KVCache)
+    gqa = model("gqa")
+    cache = gqa.new_cache()
+    with torch.no_grad():
+        gqa(ids(2, 7), cache)
+    assert [t.shape for t in cache[0].tensors] == [(2, 2, 7, 16)] * 2   # keys and values (B, Hkv, S, hd)
+    assert all(isinstance(c, StaticCache) for c in m.new_cache(capacity=9))
 
 
 # ---- key_mask (left padding) ---------------------------------------------------------------------------------
@@ -310,11 +319,11 @@ def check_left_padding(m):
             torch.testing.assert_close(got[1:, 3:], m(x[:, 3:]), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("backend", supporting("key_mask"))
 @pytest.mark.parametrize("attn", ATTN)
 def test_key_mask_left_padding(attn, backend):
-    if config(attn).model.attention.get("softcap") and backend == "sdpa":
-        pytest.skip("softcap needs backend eager or triton")
+    if config(attn).model.attention.get("softcap") and "softcap" not in BACKENDS[backend].supports:
+        pytest.skip(f"{backend} cannot softcap")
     check_left_padding(model(attn, backend=backend))
 
 
@@ -336,28 +345,32 @@ class RelBias(Positional):
 
 def test_errors():
     x, pos = torch.randn(1, 4, 32), torch.arange(4)
-    with pytest.raises(ValueError, match="softcap=30.0 cannot run on backend='sdpa'.*backend='eager'"):
+    with pytest.raises(ArgumentError, match="softcap=30.0 is not valid: backend='sdpa' cannot apply .*backends that can: eager"):
         Attention(32, 4, softcap=30.0)
     with pytest.raises(ValueError, match="model.attention.softcap=50.0 is not valid"):
-        build_model(config("softcap", backend="sdpa").model)
-    with pytest.raises(ValueError, match="sinks=True is not supported by backend='triton'"):
-        Attention(32, 4, sinks=True, backend="triton")
-    with pytest.raises(ValueError, match="backend='flash' is not one of"):
+        compose(TINY + ("model/attention=softcap", "model.attention.backend=sdpa"))
+    with pytest.raises(ArgumentError, match="sinks=True is not valid: backend='fused' cannot apply"):
+        Attention(32, 4, sinks=True, backend="fused")
+    with pytest.raises(ArgumentError, match=r"backend='flash' is not valid: one of \['sdpa', 'eager', 'fused'\]"):
         Attention(32, 4, backend="flash")
-    with pytest.raises(ValueError, match="n_kv_heads=2: MLA"):
+    with pytest.raises(ArgumentError, match="n_kv_heads=2 is not valid: None or n_heads=4: MLA"):
         MLA(32, 4, n_kv_heads=2)
-    with pytest.raises(ValueError, match="qk_rope_head_dim=3"):
+    with pytest.raises(ArgumentError, match="qk_rope_head_dim=3"):
         MLA(32, 4, qk_rope_head_dim=3)
-    a = Attention(32, 4, 2, backend="triton")
-    with pytest.raises(ValueError, match="does not support key_mask"):
+    a = Attention(32, 4, 2, backend="fused")
+    with pytest.raises(ArgumentError, match="backend='fused' is not valid: .*key padding mask"):
         a(x, NoPE(32, 4, 8, 16), pos, key_mask=torch.ones(1, 4, dtype=torch.bool))
-    with pytest.raises(ValueError, match="cannot add the score bias of positional RelBias"):
+    with pytest.raises(ArgumentError, match=r"backend='fused' is not valid: .*score bias \(positional RelBias\)"):
         a(x, RelBias(32, 4, 8, 16), pos)
+    with pytest.raises(ArgumentError, match=r"score bias \(positional RelBias\)"):
+        a.check_positional(RelBias(32, 4, 8, 16))
+    with pytest.raises(ArgumentError, match="backend='fused' is not valid: .*static cache"):
+        a.new_cache(capacity=8)
     with pytest.raises(ValueError, match=r"key_mask must have shape .* = \(1, 4\); got \(1, 3\)"):
         Attention(32, 4)(x, NoPE(32, 4, 8, 16), pos, key_mask=torch.ones(1, 3, dtype=torch.bool))
 
 
-# ---- the fused kernel itself (Triton's interpreter on a CPU) ---------------------------------------------------
+# ---- the backend x capability matrix, read from the classes ---------------------------------------------------
 
 class Slopes(Positional):
     "ALiBi written out here: slopes for the fused kernel, and the same bias for the others."
@@ -369,13 +382,129 @@ class Slopes(Positional):
         return -self.alibi_slopes[:, None, None] * (q_pos[:, None] - k_pos[None, :]).abs().float()
 
 
+def reference(q, k, v, pos, key_pos, window=None, softcap=None, sinks=None, key_mask=None, bias=None):
+    "Attention written out in float64: q (B, H, T, D) at pos (T,), k, v (B, Hkv, S, D) at key_pos (S,)."
+    G = q.shape[1] // k.shape[1]
+    q, k, v = q.double(), k.repeat_interleave(G, 1).double(), v.repeat_interleave(G, 1).double()
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if bias is not None:
+        s = s + bias.double()
+    d = pos[:, None] - key_pos[None, :]                       # query position - key position
+    hide = (d < 0) | (d >= window if window else torch.zeros_like(d, dtype=torch.bool))
+    hide = hide[None, None] | (torch.zeros(q.shape[0], 1, 1, 1, dtype=torch.bool) if key_mask is None
+                               else ~key_mask[:, None, None, :])
+    e = s.masked_fill(hide, float("-inf")).exp()
+    denom = e.sum(-1, keepdim=True) + (0 if sinks is None else sinks.double().exp().view(1, -1, 1, 1))
+    return ((e / denom) @ v).float()
+
+
+def case(option: str):
+    """The inputs of `attend` that exercise one capability: q (2, 4, 5, 8) at positions 2..6 over 7 keys (GQA, two
+    cached), the positional, and the keyword arguments; plus the reference's keyword arguments."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 8, generator=g) for h, n in ((4, 5), (2, 7), (2, 7)))
+    pos, key_pos = torch.arange(2, 7), torch.arange(7)
+    positional, kw, ref = NoPE(32, 4, 8, 16), {}, {}
+    if option == "window":
+        kw = ref = dict(window=3)
+    elif option == "softcap":
+        q = 8 * q                                              # scores past the cap
+        kw = ref = dict(softcap=0.5)
+    elif option == "sinks":
+        kw = ref = dict(sinks=torch.randn(4, generator=g))
+    elif option in ("bias", "alibi_slopes"):
+        positional = (RelBias if option == "bias" else Slopes)(32, 4, 8, 16)
+        ref = dict(bias=positional.bias(pos, key_pos))
+    elif option == "key_mask":
+        kw = ref = dict(key_mask=torch.tensor([[False, False] + [True] * 5, [True] * 7]))
+    elif option == "key_pos":                                  # a static cache: 9 slots, the last two not written
+        k, v = (torch.cat([t, torch.randn(2, 2, 2, 8, generator=g)], 2) for t in (k, v))
+        kw = dict(key_pos=torch.arange(9))
+    return (q, k, v, positional, pos), kw, ref
+
+
+def test_every_capability_has_a_case():
+    for option in CAPABILITIES:       # a new capability needs a case here before the matrix can test it
+        _, kw, ref = case(option)
+        assert kw or ref, option
+
+
+SUPPORTED = [(b, o) for b, cls in BACKENDS.items() for o in sorted(cls.supports)]
+REFUSED = [(b, o) for b, cls in BACKENDS.items() for o in CAPABILITIES if o not in cls.supports]
+
+
+@pytest.mark.parametrize("backend,option", SUPPORTED, ids=[f"{b}-{o}" for b, o in SUPPORTED])
+def test_supported_option_matches_eager_and_reference(backend, option):
+    args, kw, ref = case(option)
+    got = attend(*args, backend=backend, **kw)
+    torch.testing.assert_close(got, attend(*args, backend="eager", **kw), atol=1e-5, rtol=1e-4)
+    q, k, v, _, pos = args
+    S = k.shape[2] if option != "key_pos" else 7               # the reference sees only the written slots
+    torch.testing.assert_close(got, reference(q, k[:, :, :S], v[:, :, :S], pos, torch.arange(S), **ref),
+                               atol=1e-5, rtol=1e-4)
+    if kw or ref:                                              # the option changes the result, so the checks can fail
+        assert (got - attend(q, k, v, NoPE(32, 4, 8, 16), pos, backend="eager")).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_all_supported_options_at_once(backend):
+    "Every option the backend supports, together (an arbitrary bias when it has one, else ALiBi slopes)."
+    sup = BACKENDS[backend].supports
+    opts = [o for o in CAPABILITIES if o in sup and not (o == "alibi_slopes" and "bias" in sup)]
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, n, 8, generator=g) for h, n in ((4, 5), (2, 7), (2, 7)))
+    pos, S = torch.arange(2, 7), 7
+    kw, ref, positional = {}, {}, NoPE(32, 4, 8, 16)
+    for o in opts:
+        (_, _, _, p, _), okw, oref = case(o)
+        kw.update(okw); ref.update(oref)
+        positional = p if o in ("bias", "alibi_slopes") else positional
+    if "key_pos" in opts:
+        k, v = (torch.cat([t, torch.randn(2, 2, 2, 8, generator=g)], 2) for t in (k, v))
+    if "softcap" in opts:
+        q = 8 * q
+    if "key_mask" in opts and "key_pos" in opts:               # the mask spans every slot
+        kw["key_mask"] = torch.cat([kw["key_mask"], torch.ones(2, 2, dtype=torch.bool)], 1)
+    got = attend(q, k, v, positional, pos, backend=backend, **kw)
+    torch.testing.assert_close(got, attend(q, k, v, positional, pos, backend="eager", **kw), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got, reference(q, k[:, :, :S], v[:, :, :S], pos, torch.arange(S), **ref),
+                               atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,option", REFUSED, ids=[f"{b}-{o}" for b, o in REFUSED])
+def test_unsupported_option_is_refused_naming_the_backends_that_support_it(backend, option):
+    names = [b for b, cls in BACKENDS.items() if option in cls.supports]
+    assert names, f"no backend supports {option}"
+    pattern = f"backends that can: {', '.join(names)}$"
+    args, kw, _ = case(option)
+    with pytest.raises(ArgumentError, match=pattern) as e:
+        attend(*args, backend=backend, **kw)
+    assert e.value.arg == "backend" and e.value.value == backend
+    layer_kw = {"window": dict(window=3), "softcap": dict(softcap=0.5), "sinks": dict(sinks=True)}.get(option)
+    if layer_kw is not None:                                   # a constructor option: refused by the constructor
+        with pytest.raises(ArgumentError, match=pattern) as e:
+            Attention(32, 4, 2, backend=backend, **layer_kw)
+        assert e.value.arg == option
+    a = Attention(32, 4, 2, backend=backend)
+    if option in ("bias", "alibi_slopes"):                     # a positional encoding: refused by check_positional
+        with pytest.raises(ArgumentError, match=pattern):
+            a.check_positional(args[3])
+    if option == "key_pos":                                    # slot positions: refused by new_cache
+        with pytest.raises(ArgumentError, match=pattern):
+            a.new_cache(capacity=8)
+
+
+# ---- the fused kernel itself (Triton's interpreter on a CPU) ---------------------------------------------------
+
 @pytest.mark.parametrize("cls,opts", [(Attention, dict(n_kv_heads=2, window=3, softcap=1.0)),
                                       (MLA, dict(kv_lora_rank=8, qk_rope_head_dim=4))], ids=["gqa", "mla"])
 def test_triton_kernel(cls, opts):
     pytest.importorskip("triton")
     x, pos = torch.randn(1, 6, 32), torch.arange(6)
     torch.manual_seed(0)
-    a = cls(32, 4, backend="triton", **opts)
+    a = cls(32, 4, backend="fused", **opts)
     a.impl = "triton"
     b = cls(32, 4, backend="eager", **opts)
     b.load_state_dict(a.state_dict())

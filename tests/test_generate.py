@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from smollm.config import compose
-from smollm.generate import PreallocatedKVCache, chat_cli, generate, generate_cli
+from smollm.attention import GrowingCache, StaticCache
+from smollm.generate import chat_cli, generate, generate_cli
 from smollm.runs import load_model
 from smollm.config import build_model
 
 V = 128
-BASE = ["model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.mlp_hidden=96", "model.block_size=64", "model.init_std=0.1"]
+BASE = ["model=tiny", "model.mlp_hidden=96", "model.init_std=0.1"]
 
 
 def tiny(*overrides, vocab=V):
@@ -153,14 +153,13 @@ def test_static_cache_equals_full_forward(variant):
 
 
 def test_static_cache_errors():
-    from smollm.attention import StaticKVCache
-    with pytest.raises(ValueError, match="capacity=0 must be a positive integer"):
-        StaticKVCache(0)
-    c = StaticKVCache(4)
+    with pytest.raises(ValueError, match="capacity=0 is not valid: a positive integer"):
+        StaticCache(0)
+    c = StaticCache(4)
     c.update(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8))
     with pytest.raises(ValueError, match=r"3 tokens \+ 2 new > capacity=4"):
         c.update(torch.randn(1, 2, 2, 8), torch.randn(1, 2, 2, 8))
-    with pytest.raises(ValueError, match=r"= 70 tokens, but the learned position table has 64 rows"):
+    with pytest.raises(ValueError, match=r"= 70 tokens, but the positional encoding LearnedAbsolute has 64 positions"):
         generate(tiny("model/positional=learned"), torch.randint(0, V, (1, 6)), 64, compile=True)
     with pytest.raises(ValueError, match="compile=True .* needs use_cache=True"):
         generate(tiny(), torch.randint(0, V, (1, 3)), 2, compile=True, use_cache=False)
@@ -188,11 +187,15 @@ def test_compiled_generate_equals_eager(variant):
     assert torch.equal(generate(model, ids, new, attention_mask=mask, compile=True), retrained)
 
 
-def test_preallocated_cache_grows():
-    c, k = PreallocatedKVCache(3), torch.randn(1, 2, 7, 4)
+def test_growing_cache_grows():
+    c, k = GrowingCache(), torch.randn(1, 2, 7, 4)
     for t in range(7):
         ks, vs = c.update(k[:, :, t:t + 1], 2 * k[:, :, t:t + 1])
         assert torch.equal(ks, k[:, :, :t + 1]) and torch.equal(vs, 2 * k[:, :, :t + 1])
+    assert c.buffers[0].shape[2] == 8                  # doubled from 1: amortised O(1) copies per token
+    p = c.buffers[0].data_ptr()
+    c.update(k[:, :, :1], k[:, :, :1])                 # room left: written in place, no new buffer
+    assert c.buffers[0].data_ptr() == p and c.length == 8
 
 
 # --- the console scripts

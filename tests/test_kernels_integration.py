@@ -7,7 +7,7 @@ from smollm.config import compose
 from smollm.config import build_model
 
 TINY = ["data.vocab_size=96", "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.mlp_hidden=96", "model.block_size=16", "model.attention.backend=triton"]
+        "model.mlp_hidden=96", "model.block_size=16", "model.attention.backend=fused"]
 
 
 def train_losses(kernels: str, steps: int = 3, extra=()):
