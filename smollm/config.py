@@ -4,12 +4,15 @@
 
 # %% ../nbs/06_config.ipynb #079c1574
 from __future__ import annotations
-import os
+import os, re
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
+from .errors import ArgumentError, check
 
 # %% auto #0
-__all__ = ['LAYER_KINDS', 'ConfigError', 'conf_dir', 'options', 'build_model', 'validate', 'compose']
+__all__ = ['LAYER_KINDS', 'ConfigError', 'conf_dir', 'options', 'LayerKind', 'layer_kinds', 'build_model', 'validate', 'compose']
 
 # %% ../nbs/06_config.ipynb #70b804cc
 class ConfigError(ValueError):
@@ -28,98 +31,110 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
 
 # %% ../nbs/06_config.ipynb #5f25fb6c
-LAYER_KINDS = {"G": "global attention", "S": "sliding-window attention", "N": "global attention without positions"}
+@dataclass(frozen=True)
+class LayerKind:
+    "What a letter of `model.layer_pattern` makes of a layer: `windowed` attention or global, with or without `positions`."
+    means: str
+    windowed: bool = False   # True: attention with model.attention.window; False: global attention (window None)
+    positions: bool = True   # False: the layer sees no positional encoding (NoPE)
 
+LAYER_KINDS = {"G": LayerKind("global attention"),
+               "S": LayerKind("sliding-window attention", windowed=True),
+               "N": LayerKind("global attention without positions", positions=False)}
+
+def layer_kinds(pattern: str | None, n_layers: int, window: int | None = None) -> list[LayerKind | None]:
+    """The kind of each of `n_layers` layers: `pattern` repeated, or None for every layer with no pattern.
+    `window` is model.attention.window, which a windowed kind needs."""
+    if not pattern:
+        return [None] * n_layers
+    known = ", ".join(f"{c} ({k.means})" for c, k in LAYER_KINDS.items())
+    check(isinstance(pattern, str) and set(pattern) <= set(LAYER_KINDS), "model.layer_pattern", pattern,
+          f"a string of the letters {known}")
+    check(n_layers % len(pattern) == 0, "model.layer_pattern", pattern,
+          f"a pattern whose length divides model.n_layers={n_layers} (it has length {len(pattern)})")
+    kinds = [LAYER_KINDS[c] for c in pattern] * (n_layers // len(pattern))
+    check(window is not None or not any(k.windowed for k in kinds), "model.layer_pattern", pattern,
+          "S (sliding-window) layers need model.attention.window set")
+    return kinds
+
+# %% ../nbs/06_config.ipynb #05d58806
+def _source(raw: dict, key: str) -> str:
+    "The key that `key` takes its value from: the target of a plain interpolation like ${model.n_kv_heads}, else `key`."
+    node = {"model": raw}
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    m = re.fullmatch(r"\$\{([\w.]+)\}", node) if isinstance(node, str) else None
+    return m.group(1) if m else key
+
+@contextmanager
+def _named(raw: dict, group: str = "model", **passed: str):
+    """Inside, an ArgumentError becomes a ConfigError naming its config key: `passed` maps the arguments build_model
+    passes itself to their keys; any other argument `arg` is `{group}.{arg}`. `raw`: the unresolved model section."""
+    try:
+        yield
+    except ArgumentError as e:
+        key = _source(raw, passed.get(e.arg) or (e.arg if e.arg.startswith("model.") else f"{group}.{e.arg}"))
+        raise ConfigError(f"{key}={e.value!r} is not valid: {e.accepted}") from None
+
+# %% ../nbs/06_config.ipynb #9d6b930a
 def _resolve(cfg) -> dict:
-    from omegaconf import DictConfig, OmegaConf
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 def build_model(cfg) -> Transformer:
-    "Build a `Transformer` from the `model:` section of a composed config (a DictConfig or a plain dict)."
+    """Build a `Transformer` from the `model:` section of a composed config (a DictConfig or a plain dict).
+    An impossible value raises a ConfigError naming its key (e.g. `model.attention.softcap=...`)."""
     from functools import partial
     from hydra.utils import instantiate
     from smollm.mlp import hidden_size
     from smollm.model import Block, Transformer
-    cfg = _resolve(cfg)
-    dim, n_layers, n_heads = cfg["dim"], cfg["n_layers"], cfg["n_heads"]
-    head_dim = cfg.get("head_dim") or dim // n_heads
-    norm = instantiate(cfg["norm"])
-    attention = instantiate(cfg["attention"])
-    mlp = instantiate(cfg["mlp"])
-    positional = instantiate(cfg["positional"])(dim=dim, n_heads=n_heads, head_dim=head_dim,
-                                                max_seq_len=cfg["block_size"])
-    hidden = hidden_size(getattr(mlp, "func", mlp), dim, cfg.get("mlp_hidden"), cfg.get("mlp_sizing", "matched"))
-    pattern = cfg.get("layer_pattern") or ""
+    raw = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+    cfg, named = _resolve(cfg), partial(_named, raw)
+    shape = dict(dim="model.dim", n_heads="model.n_heads", head_dim="model.head_dim")
+    dim, n_layers, n_heads, head_dim = cfg["dim"], cfg["n_layers"], cfg["n_heads"], cfg.get("head_dim")
     window = cfg["attention"].get("window")
-    blocks, nope_layers = [], []
-    for i in range(n_layers):
-        kind = pattern[i % len(pattern)] if pattern else None
-        kw = {} if kind is None else {"window": window if kind == "S" else None}
-        if kind == "N":
-            nope_layers.append(i)
-        blocks.append(Block(attention(dim=dim, n_heads=n_heads, head_dim=head_dim, **kw),
-                            mlp(dim=dim, hidden=hidden), partial(norm, dim),
-                            cfg.get("placement", "pre"), cfg.get("parallel_residual", False)))
-    return Transformer(cfg["vocab_size"], dim, blocks, norm(dim), positional,
-                       tie_embeddings=cfg.get("tie_embeddings", False), nope_layers=tuple(nope_layers),
-                       kernels=cfg.get("kernels", "auto"), init_std=cfg.get("init_std", 0.02))
+    with named():
+        for key in ("dim", "n_layers"):
+            check(isinstance(cfg[key], int) and cfg[key] >= 1, key, cfg[key], "a positive integer")
+        kinds = layer_kinds(cfg.get("layer_pattern"), n_layers, window)
+    with named("model.norm", dim="model.dim"):
+        norm = instantiate(cfg["norm"])
+        final_norm = norm(dim)
+    with named("model.attention", **shape):
+        attention = instantiate(cfg["attention"])
+        attns = [attention(dim=dim, n_heads=n_heads, head_dim=head_dim,
+                           **({} if k is None else {"window": window if k.windowed else None})) for k in kinds]
+    with named("model.positional", **shape, max_seq_len="model.block_size"):
+        positional = instantiate(cfg["positional"])(dim=dim, n_heads=n_heads, head_dim=attns[0].head_dim,
+                                                    max_seq_len=cfg["block_size"])
+    with named("model.attention"):
+        check(window is None or window <= cfg["block_size"], "window", window,
+              f"at most model.block_size={cfg['block_size']} (or null)")
+    mlp = instantiate(cfg["mlp"])
+    with named("model.mlp", dim="model.dim", hidden="model.mlp_hidden", rule="model.mlp_sizing"):
+        hidden = hidden_size(getattr(mlp, "func", mlp), dim, cfg.get("mlp_hidden"), cfg.get("mlp_sizing", "matched"))
+        mlps = [mlp(dim=dim, hidden=hidden) for _ in range(n_layers)]
+    with named(placement="model.placement", parallel="model.parallel_residual"):
+        blocks = [Block(a, m, partial(norm, dim), cfg.get("placement", "pre"), cfg.get("parallel_residual", False))
+                  for a, m in zip(attns, mlps)]
+    nope = tuple(i for i, k in enumerate(kinds) if k is not None and not k.positions)
+    with named(backend="model.attention.backend"):   # the model asks each layer's backend about its positional
+        return Transformer(cfg["vocab_size"], dim, blocks, final_norm, positional,
+                           tie_embeddings=cfg.get("tie_embeddings", False), nope_layers=nope,
+                           kernels=cfg.get("kernels", "auto"), init_std=cfg.get("init_std", 0.02))
 
 # %% ../nbs/06_config.ipynb #c7d76de4
 def _fail(key: str, value, accepted: str):
     raise ConfigError(f"{key}={value!r} is not valid: {accepted}")
 
 def validate(cfg: DictConfig) -> DictConfig:
-    "Check a composed config for impossible combinations; raise ConfigError naming the key, or return cfg."
-    from smollm.kernels.core import IMPLS
-    from smollm.model import PLACEMENTS
-    from smollm.mlp import SIZING_RULES
+    """Check a composed config and return it: the rules joining two sections here, then every component's own by
+    building the model on the meta device (no memory). An impossible value raises a ConfigError naming its key."""
+    import torch
     m = cfg.model
-    for key in ("dim", "n_layers", "n_heads", "vocab_size", "block_size"):
-        if not isinstance(m[key], int) or m[key] < 1:
-            _fail(f"model.{key}", m[key], "a positive integer")
-    if m.head_dim is None and m.dim % m.n_heads:
-        _fail("model.n_heads", m.n_heads, f"a divisor of model.dim={m.dim} (or set model.head_dim)")
-    head_dim = m.head_dim or m.dim // m.n_heads
-    a = m.attention
-    kv = a.get("n_kv_heads")
-    if kv is not None and (kv < 1 or m.n_heads % kv):
-        _fail("model.attention.n_kv_heads", kv, f"a divisor of model.n_heads={m.n_heads}")
-    from smollm.attention import BACKENDS
-    backend = a.get("backend", "sdpa")
-    if backend not in BACKENDS:
-        _fail("model.attention.backend", backend, f"one of {BACKENDS}")
-    if a.get("softcap") is not None and backend == "sdpa":
-        _fail("model.attention.softcap", a.softcap, "softcapping needs model.attention.backend=eager or triton "
-              "(scaled_dot_product_attention cannot cap scores)")
-    if a.get("sinks") and backend == "triton":
-        _fail("model.attention.sinks", True, "attention sinks need model.attention.backend=sdpa or eager")
-    window = a.get("window")
-    if window is not None and not (1 <= window <= m.block_size):
-        _fail("model.attention.window", window, f"an integer from 1 to model.block_size={m.block_size}, or null")
-    pattern = m.get("layer_pattern")
-    if pattern:
-        if set(pattern) - set(LAYER_KINDS):
-            _fail("model.layer_pattern", pattern, f"letters from {sorted(LAYER_KINDS)} ({LAYER_KINDS})")
-        if m.n_layers % len(pattern):
-            _fail("model.layer_pattern", pattern,
-                  f"a pattern whose length divides model.n_layers={m.n_layers} (it has length {len(pattern)})")
-        if "S" in pattern and window is None:
-            _fail("model.layer_pattern", pattern, "S (sliding-window) layers need model.attention.window set")
-    if "fraction" in m.positional:
-        rot = int(head_dim * m.positional.fraction)
-        if rot < 2 or rot % 2:
-            _fail("model.positional.fraction", m.positional.fraction,
-                  f"a fraction of head_dim={head_dim} that gives an even number of rotated channels (got {rot})")
-    if m.placement not in PLACEMENTS:
-        _fail("model.placement", m.placement, f"one of {PLACEMENTS}")
-    if m.parallel_residual and m.placement != "pre":
-        _fail("model.parallel_residual", True, "parallel residual needs model.placement=pre")
-    if m.mlp_sizing not in SIZING_RULES:
-        _fail("model.mlp_sizing", m.mlp_sizing, f"one of {SIZING_RULES}")
-    if m.kernels not in IMPLS:
-        _fail("model.kernels", m.kernels, f"one of {IMPLS}")
     if "data" in cfg and isinstance(cfg.data.get("vocab_size"), int) and cfg.data.vocab_size > m.vocab_size:
         _fail("model.vocab_size", m.vocab_size, f"at least data.vocab_size={cfg.data.vocab_size}")
+    with torch.device("meta"):
+        build_model(m)
     return cfg
 
 # %% ../nbs/06_config.ipynb #16f13b9d
@@ -135,7 +150,7 @@ def _explain_missing(err: Exception) -> ConfigError:
     return ConfigError(msg)
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_name: str = "train") -> DictConfig:
-    "Compose conf/{config_name}.yaml with Hydra command-line style `overrides`, validate it, and return it."
+    "Compose conf/{config_name}.yaml with Hydra command-line style `overrides`, validate it (a dry build of the model), and return it."
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException

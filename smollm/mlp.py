@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from .errors import check
 from .kernels import swiglu
 
 # %% auto #0
@@ -78,10 +79,13 @@ def _round_up(n: float, multiple: int) -> int:
     return int(multiple * -(-n // multiple))
 
 def hidden_size(cls: type, dim: int, hidden: int | None = None, rule: str = "matched", multiple_of: int = 256) -> int:
-    "The hidden width for MLP class `cls` under the sizing `rule` (see above)."
-    if rule not in SIZING_RULES:
-        raise ValueError(f"mlp sizing rule={rule!r} is not one of {SIZING_RULES}")
+    """The hidden width of MLP class `cls` in a model of width `dim`. `hidden` is the width of a gated MLP (None:
+    8/3 * dim rounded up to `multiple_of`). rule='matched' gives a plain MLP (`cls.gated` False) 3/2 of it, the
+    same parameter count as the gated MLP; rule='fixed' gives every MLP `hidden` as it is."""
+    check(rule in SIZING_RULES, "rule", rule, f"one of {SIZING_RULES}")
+    check(hidden is None or (isinstance(hidden, int) and hidden >= 1), "hidden", hidden,
+          "a positive integer (a gated MLP's width), or None for 8/3 of dim")
     glu_hidden = hidden if hidden is not None else _round_up(8 * dim / 3, multiple_of)
-    if getattr(cls, "gated", True) or rule == "fixed":
+    if cls.gated or rule == "fixed":
         return glu_hidden
     return glu_hidden * 3 // 2

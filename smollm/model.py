@@ -10,24 +10,26 @@ from functools import partial
 from typing import Callable
 import torch
 import torch.nn as nn
+from .errors import check
 from .kernels import linear_cross_entropy
 from .positional import NoPE
 
 # %% auto #0
-__all__ = ['PLACEMENTS', 'Block', 'Transformer']
+__all__ = ['PLACEMENTS', 'Block', 'init_weights_', 'count_by_family', 'Transformer']
 
 # %% ../nbs/05_model.ipynb #877218b2
 PLACEMENTS = ("pre", "post", "sandwich")
 
 class Block(nn.Module):
-    "One transformer layer: attention and MLP, each with a residual connection and norms placed by `placement`."
+    """One transformer layer: attention and MLP, each with a residual connection and norms placed by `placement`
+    ('pre', 'post' or 'sandwich'). `parallel=True` adds attention and MLP of one normed input (pre only).
+    `norm` makes one norm per call; the block calls it once for each norm its placement needs."""
     def __init__(self, attention: nn.Module, mlp: nn.Module, norm: Callable[[], nn.Module],
                  placement: str = "pre", parallel: bool = False):
         super().__init__()
-        if placement not in PLACEMENTS:
-            raise ValueError(f"placement={placement!r} is not one of {PLACEMENTS}")
-        if parallel and placement != "pre":
-            raise ValueError(f"parallel=True needs placement='pre', not {placement!r}")
+        check(placement in PLACEMENTS, "placement", placement, f"one of {PLACEMENTS}")
+        check(not parallel or placement == "pre", "parallel", parallel,
+              f"False with placement={placement!r} (a parallel block is pre-norm, with one norm)")
         self.placement, self.parallel = placement, parallel
         self.attn, self.mlp = attention, mlp
         self.attn_norm = norm()
@@ -51,24 +53,58 @@ class Block(nn.Module):
         return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x)))
 
 # %% ../nbs/05_model.ipynb #99e62a0e
+def init_weights_(module: nn.Module, n_layers: int, std: float = 0.02) -> None:
+    """Initialise every nn.Linear and nn.Embedding in `module` in place: weights N(0, std²), biases zero, and the
+    residual output projections (those marked `residual_out`) N(0, (std / sqrt(2 * n_layers))²)."""
+    out_std = std / math.sqrt(2 * n_layers)
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, out_std if getattr(m, "residual_out", False) else std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+# %% ../nbs/05_model.ipynb #e8e92ef6
+def count_by_family(module: nn.Module, family: str = "other", seen: set | None = None) -> Counter:
+    """Numbers of parameters of `module` by the `family` of the innermost module holding each one (a module
+    declaring none inherits `family` from its parent). A tensor met twice (tied weights) counts once; `seen`
+    holds the ids of tensors counted already, to share between calls."""
+    family = getattr(module, "family", None) or family
+    seen = set() if seen is None else seen
+    counts = Counter()
+    for p in module.parameters(recurse=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            counts[family] += p.numel()
+    for child in module.children():
+        counts += count_by_family(child, family, seen)
+    return counts
+
+# %% ../nbs/05_model.ipynb #d1bd9464
 class Transformer(nn.Module):
-    "Decoder-only language model: embedding, blocks, final norm, lm head."
+    """Decoder-only language model: embedding (vocab_size x dim), `blocks`, final `norm`, lm head. `positional` is
+    the model's one positional encoding; the layers in `nope_layers` get none. `kernels`: 'auto', 'torch', 'triton'."""
     def __init__(self, vocab_size: int, dim: int, blocks: list[Block], norm: nn.Module, positional: nn.Module,
                  tie_embeddings: bool = False, nope_layers: tuple[int, ...] = (), kernels: str = "auto",
                  init_std: float = 0.02):
         super().__init__()
+        check(isinstance(vocab_size, int) and vocab_size >= 1, "vocab_size", vocab_size, "a positive integer")
         self.vocab_size, self.dim = vocab_size, dim
         self.embed = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(blocks)
-        self.norm = norm
-        self.positional = positional
+        self.norm, self.positional = norm, positional
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.nope_layers = frozenset(nope_layers)
         self._nope = NoPE(dim, positional.n_heads, positional.head_dim, positional.max_seq_len)
-        self.init_weights(init_std)
+        for i, blk in enumerate(self.layers):   # a backend that cannot apply this encoding refuses now, not mid-run
+            blk.attn.check_positional(self.layer_positional(i))
+        init_weights_(self, len(self.layers), init_std)
         self.kernels = kernels
+
+    def layer_positional(self, i: int) -> nn.Module:
+        "The positional encoding layer `i` uses: the model's, or NoPE for a layer in `nope_layers`."
+        return self._nope if i in self.nope_layers else self.positional
 
     @property
     def kernels(self) -> str:
@@ -78,21 +114,11 @@ class Transformer(nn.Module):
     def kernels(self, impl: str):
         "Set which implementation of the fused ops every component runs: 'auto', 'torch' or 'triton'."
         from smollm.kernels import IMPLS
-        if impl not in IMPLS:
-            raise ValueError(f"kernels={impl!r} is not one of {IMPLS}")
+        check(impl in IMPLS, "kernels", impl, f"one of {IMPLS}")
         self._kernels = impl
         for m in self.modules():
             if hasattr(m, "impl"):
                 m.impl = impl
-
-    def init_weights(self, std: float = 0.02):
-        "Llama/GPT-2 init: N(0, std) weights, zero biases, residual output projections scaled by 1/sqrt(2 * n_layers)."
-        out_std = std / math.sqrt(2 * len(self.layers))
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, 0.0, out_std if getattr(m, "residual_out", False) else std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
 
     def new_cache(self, capacity: int | None = None) -> list:
         "An empty decoding cache, one entry per layer; with `capacity`, static caches of that many slots."
@@ -107,13 +133,12 @@ class Transformer(nn.Module):
         pos = torch.arange(T, device=input_ids.device) + start      # start: a 0-dim tensor for a static cache
         x = self.positional.embed(self.embed(input_ids), pos)
         for i, blk in enumerate(self.layers):
-            positional = self._nope if i in self.nope_layers else self.positional
-            x = blk(x, positional, pos, None if cache is None else cache[i], key_mask)
+            x = blk(x, self.layer_positional(i), pos, None if cache is None else cache[i], key_mask)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cache: list | None = None,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        "input_ids (B, T) -> logits (B, T, vocab_size); see `hidden_states` for `cache` and `key_mask`."
+        "input_ids (B, T) -> logits (B, T, vocab_size); `cache` and `key_mask` as for `hidden_states`."
         return self.lm_head(self.hidden_states(input_ids, cache, key_mask))
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -127,17 +152,9 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def param_counts(self) -> dict[str, int]:
-        "Parameters broken down by family: embedding, attention, mlp, norm, positional, lm_head."
-        counts, seen = Counter(), set()
-        for name, p in self.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            if name.startswith("embed."): fam = "embedding"
-            elif name.startswith("lm_head."): fam = "lm_head"
-            elif name.startswith("positional."): fam = "positional"
-            elif ".attn." in name and "norm" not in name.split(".attn.")[1].split(".")[0]: fam = "attention"
-            elif ".mlp." in name: fam = "mlp"
-            else: fam = "norm"
-            counts[fam] += p.numel()
+        "Parameters by family: 'embedding', 'lm_head' (none when tied), and each component's family (`count_by_family`)."
+        seen = set()
+        counts = count_by_family(self.embed, "embedding", seen) + count_by_family(self.lm_head, "lm_head", seen)
+        for part in (self.layers, self.norm, self.positional):
+            counts += count_by_family(part, "other", seen)
         return dict(counts)

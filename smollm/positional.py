@@ -9,6 +9,7 @@ import inspect
 from collections.abc import Mapping
 import torch
 import torch.nn as nn
+from .errors import ArgumentError, check
 from .kernels import rope
 
 # %% auto #0
@@ -25,6 +26,8 @@ class Positional(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, head_dim: int, max_seq_len: int):
         super().__init__()
+        check(isinstance(max_seq_len, int) and max_seq_len >= 1, "max_seq_len", max_seq_len,
+              "a positive integer (the context length the model is built for)")
         self.dim, self.n_heads, self.head_dim, self.max_seq_len = dim, n_heads, head_dim, max_seq_len
 
     def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -48,16 +51,17 @@ def rope_inv_freq(theta: float, rot_dim: int, device=None) -> torch.Tensor:
     return 1.0 / theta ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim)
 
 class RopeScaling:
-    "No scaling; the base of the long-context scalings. Calling it gives the (rot_dim / 2,) fp32 inverse frequencies."
+    """No scaling; the base of the long-context scalings. Calling it gives the (rot_dim / 2,) fp32 inverse
+    frequencies. `factor` (>= 1) is the context stretch, `original_max_seq_len` the training context L."""
+    type = "default"        # the name in a `scaling:` dict, which is HF's rope_type
     attention_factor = 1.0  # multiplies cos and sin (YaRN)
     dynamic = False         # True when the frequencies depend on the current sequence length
 
     def __init__(self, factor: float = 1.0, original_max_seq_len: int | None = None):
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
-            raise ValueError(f"RoPE scaling.factor={factor!r} is not valid: a number >= 1 (the context stretch)")
-        if original_max_seq_len is not None and (not isinstance(original_max_seq_len, int) or original_max_seq_len < 1):
-            raise ValueError(f"RoPE scaling.original_max_seq_len={original_max_seq_len!r} is not valid: "
-                             "a positive integer (the training context length) or null")
+        check(not isinstance(factor, bool) and isinstance(factor, (int, float)) and factor >= 1, "scaling.factor",
+              factor, "a number >= 1 (the context stretch)")
+        check(original_max_seq_len is None or (isinstance(original_max_seq_len, int) and original_max_seq_len >= 1),
+              "scaling.original_max_seq_len", original_max_seq_len, "a positive integer (the training context length) or null")
         self.factor, self.original_max_seq_len = float(factor), original_max_seq_len
 
     def __call__(self, theta: float, rot_dim: int, seq_len: int | None = None, device=None) -> torch.Tensor:
@@ -66,13 +70,17 @@ class RopeScaling:
     def __repr__(self):
         return f"{type(self).__name__}(factor={self.factor}, original_max_seq_len={self.original_max_seq_len})"
 
+# %% ../nbs/02_positional.ipynb #48ba3652
 class LinearScaling(RopeScaling):
     "Position interpolation (Chen et al., 2023): every inverse frequency divided by `factor`."
+    type = "linear"
     def __call__(self, theta, rot_dim, seq_len=None, device=None):
         return rope_inv_freq(theta, rot_dim, device) / self.factor
 
+# %% ../nbs/02_positional.ipynb #c3caacd3
 class DynamicNTKScaling(RopeScaling):
     "Dynamic NTK: plain up to `original_max_seq_len` L; beyond, base theta * (factor * seq_len / L - (factor - 1))^(d / (d - 2))."
+    type = "dynamic"
     dynamic = True
     def __call__(self, theta, rot_dim, seq_len=None, device=None):
         L, s = self.original_max_seq_len, self.factor
@@ -81,14 +89,15 @@ class DynamicNTKScaling(RopeScaling):
         base = theta * (s * n / L - (s - 1)) ** (rot_dim / (rot_dim - 2))
         return 1.0 / base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim)
 
+# %% ../nbs/02_positional.ipynb #f9bab323
 class Llama3Scaling(RopeScaling):
     "Llama-3.1: keep wavelengths < L / high_freq_factor, divide those > L / low_freq_factor by `factor`, blend in between."
+    type = "llama3"
     def __init__(self, factor: float, original_max_seq_len: int | None = None,
                  low_freq_factor: float = 1.0, high_freq_factor: float = 4.0):
         super().__init__(factor, original_max_seq_len)
-        if not 0 < low_freq_factor < high_freq_factor:
-            raise ValueError(f"RoPE llama3 scaling: low_freq_factor={low_freq_factor!r}, high_freq_factor="
-                             f"{high_freq_factor!r} are not valid: need 0 < low_freq_factor < high_freq_factor")
+        check(0 < low_freq_factor < high_freq_factor, "scaling.low_freq_factor", low_freq_factor,
+              f"a number in (0, high_freq_factor={high_freq_factor!r})")
         self.low, self.high = float(low_freq_factor), float(high_freq_factor)
 
     def __call__(self, theta, rot_dim, seq_len=None, device=None):
@@ -98,8 +107,10 @@ class Llama3Scaling(RopeScaling):
         blend = (1 - gamma) * inv / s + gamma * inv
         return torch.where(wavelen < L / self.high, inv, torch.where(wavelen > L / self.low, inv / s, blend))
 
+# %% ../nbs/02_positional.ipynb #d73daaef
 class YaRNScaling(RopeScaling):
     "YaRN (Peng et al., 2023): interpolate the slow pairs, keep the fast ones, ramp between; cos and sin times attention_factor."
+    type = "yarn"
     def __init__(self, factor: float, original_max_seq_len: int | None = None, beta_fast: float | None = 32.0,
                  beta_slow: float | None = 1.0, mscale: float | None = None, mscale_all_dim: float | None = None,
                  attention_factor: float | None = None, truncate: bool = True):
@@ -126,7 +137,8 @@ class YaRNScaling(RopeScaling):
         freq = theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
         return 1.0 / (s * freq) * (1 - gamma) + 1.0 / freq * gamma
 
-ROPE_SCALINGS = {"linear": LinearScaling, "dynamic": DynamicNTKScaling, "llama3": Llama3Scaling, "yarn": YaRNScaling}
+# %% ../nbs/02_positional.ipynb #534ab50e
+ROPE_SCALINGS = {cls.type: cls for cls in RopeScaling.__subclasses__()}
 
 # %% ../nbs/02_positional.ipynb #57ba5e06
 _HF_ALIASES = {"rope_type": "type", "original_max_position_embeddings": "original_max_seq_len"}
@@ -136,34 +148,31 @@ def rope_scaling(scaling: Mapping | None, max_seq_len: int, theta: float = 10000
     None or type 'default' is plain RoPE. `original_max_seq_len` null means `max_seq_len`."""
     if scaling is None:
         return RopeScaling()
-    if not isinstance(scaling, Mapping):
-        raise ValueError(f"RoPE scaling={scaling!r} is not valid: a dict like {{type: yarn, factor: 4}}, or null")
+    check(isinstance(scaling, Mapping), "scaling", scaling, "a dict like {type: yarn, factor: 4}, or null")
     cfg = {}
     for key, v in scaling.items():
         key = _HF_ALIASES.get(key, key)
-        if key in cfg and cfg[key] != v:
-            raise ValueError(f"RoPE scaling gives {key} twice (once by its HF name) with different values: {cfg[key]!r}, {v!r}")
+        check(key not in cfg or cfg[key] == v, f"scaling.{key}", v,
+              f"one value: it is also given as {cfg.get(key)!r} (once by its HF name)")
         cfg[key] = v
     for key, mine in (("rope_theta", theta), ("partial_rotary_factor", fraction)):   # HF's rope_parameters carry these
         if key in cfg and cfg.pop(key) is not None and not math.isclose(scaling[key], mine):
-            raise ValueError(f"RoPE scaling.{key}={scaling[key]!r} disagrees with the RoPE's own value {mine!r}; "
-                             f"set it as RoPE({'theta' if key == 'rope_theta' else 'fraction'}=...)")
+            raise ArgumentError(f"scaling.{key}", scaling[key], f"the RoPE's own value {mine!r}; set it as "
+                                f"RoPE({'theta' if key == 'rope_theta' else 'fraction'}=...)")
     kind = cfg.pop("type", None)
     if kind in (None, "default"):
-        if cfg:
-            raise ValueError(f"RoPE scaling has keys {sorted(cfg)} but no type: set type to one of {sorted(ROPE_SCALINGS)}")
+        check(not cfg, "scaling", scaling, f"a dict with a type (one of {sorted(ROPE_SCALINGS)}): it has keys "
+              f"{sorted(cfg)} but no type")
         return RopeScaling()
-    if kind not in ROPE_SCALINGS:
-        raise ValueError(f"RoPE scaling.type={kind!r} is not valid: one of {sorted(ROPE_SCALINGS)}, or default/null")
+    check(kind in ROPE_SCALINGS, "scaling.type", kind, f"one of {sorted(ROPE_SCALINGS)}, or default/null")
     cls = ROPE_SCALINGS[kind]
     allowed = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
-    if unknown := sorted(set(cfg) - set(allowed)):
-        raise ValueError(f"RoPE scaling key(s) {unknown} are not valid for type={kind!r}: accepted {allowed}")
+    unknown = sorted(set(cfg) - set(allowed))
+    check(not unknown, "scaling", scaling, f"keys of type={kind!r} only ({allowed}); {unknown} are not")
     if cfg.get("original_max_seq_len") is None:
         cfg["original_max_seq_len"] = max_seq_len
     if cfg.get("factor") is None:
-        if kind != "yarn":
-            raise ValueError(f"RoPE scaling type={kind!r} needs a factor (a number >= 1)")
+        check(kind == "yarn", "scaling.factor", None, f"a number >= 1: type={kind!r} needs a factor")
         cfg["factor"] = max_seq_len / cfg["original_max_seq_len"]   # HF's YaRN default: the stretch itself
     return cls(**cfg)
 
@@ -178,9 +187,8 @@ class RoPE(Positional):
         super().__init__(dim, n_heads, head_dim, max_seq_len)
         self.theta, self.fraction = theta, fraction
         self.rot_dim = int(head_dim * fraction)
-        if self.rot_dim % 2 or self.rot_dim == 0:
-            raise ValueError(f"RoPE rotates pairs of channels: head_dim * fraction = {head_dim} * {fraction} "
-                             f"= {self.rot_dim} must be a positive even number")
+        check(self.rot_dim >= 2 and self.rot_dim % 2 == 0, "fraction", fraction, f"a share of head_dim={head_dim} "
+              f"that rotates a positive even number of channels (RoPE rotates pairs; got {self.rot_dim})")
         self.scaling = rope_scaling(scaling, max_seq_len, theta, fraction)
         self._inv_cache = {}   # (rot_dim, device) -> inverse frequencies, for scalings that do not depend on length
 
@@ -231,8 +239,7 @@ class RoPE(Positional):
 # %% ../nbs/02_positional.ipynb #a758f9f4
 def alibi_slopes(n_heads: int) -> torch.Tensor:
     "ALiBi's per-head slopes (n_heads,): 2^(-8k/n) for k = 1..n when n is a power of two, else the paper's fill-in."
-    if not isinstance(n_heads, int) or n_heads < 1:
-        raise ValueError(f"alibi_slopes: n_heads={n_heads!r} is not valid: a positive integer")
+    check(isinstance(n_heads, int) and n_heads >= 1, "n_heads", n_heads, "a positive integer")
     geometric = lambda n: [2 ** (-8 * k / n) for k in range(1, n + 1)]
     p = 2 ** int(math.log2(n_heads))
     return torch.tensor(geometric(p) + geometric(2 * p)[0::2][:n_heads - p], dtype=torch.float32)
@@ -281,10 +288,10 @@ class T5Bias(Positional):
                  max_distance: int = 128, bidirectional: bool = False):
         super().__init__(dim, n_heads, head_dim, max_seq_len)
         need = 4 if bidirectional else 2
-        if num_buckets < need or num_buckets % need:
-            raise ValueError(f"T5Bias num_buckets={num_buckets!r} is not valid: a multiple of {need}, at least {need}")
-        if max_distance <= num_buckets // need:
-            raise ValueError(f"T5Bias max_distance={max_distance!r} is not valid: more than the {num_buckets // need} exact buckets")
+        check(num_buckets >= need and num_buckets % need == 0, "num_buckets", num_buckets,
+              f"a multiple of {need}, at least {need}" + (" (bidirectional: half the buckets per direction)" if bidirectional else ""))
+        check(max_distance > num_buckets // need, "max_distance", max_distance,
+              f"more than the {num_buckets // need} exact buckets")
         self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
         self.relative_attention_bias = nn.Embedding(num_buckets, n_heads)
 
@@ -317,8 +324,7 @@ class Sinusoidal(Positional):
     "Fixed sinusoidal absolute encoding (Vaswani et al., 2017): embed adds PE(pos)."
     def __init__(self, dim: int, n_heads: int, head_dim: int, max_seq_len: int, base: float = 10000.0):
         super().__init__(dim, n_heads, head_dim, max_seq_len)
-        if dim % 2:
-            raise ValueError(f"Sinusoidal needs an even model dim (sin, cos pairs), got dim={dim}")
+        check(dim % 2 == 0, "dim", dim, "an even number (the table holds sin, cos pairs)")
         self.base = base
         self.register_buffer("pe", sinusoidal_table(torch.arange(max_seq_len), dim, base).float(), persistent=False)
 

@@ -5,12 +5,10 @@ import math
 import pytest
 import torch
 
-from smollm.config import ConfigError, compose, options
-from smollm.config import build_model
+from smollm.config import ConfigError, build_model, compose, conf_dir, options
 
-TINY = ["data.vocab_size=128", "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.mlp_hidden=96", "model.block_size=128"]
-GROUPS = ["model/attention", "model/norm", "model/positional", "model/mlp"]
+TINY = ["model=tiny", "data.vocab_size=128"]
+GROUPS = sorted(f"model/{p.name}" for p in (conf_dir() / "model").iterdir() if p.is_dir())
 
 
 def tiny(*overrides):
@@ -22,6 +20,10 @@ def one_step(model, T=12):
     loss = model.loss(ids[:, :-1], ids[:, 1:])
     loss.backward()
     return loss
+
+
+def test_groups_are_the_model_families():
+    assert GROUPS == ["model/attention", "model/mlp", "model/norm", "model/positional"]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
@@ -62,6 +64,21 @@ def test_tinyllama_1b_parameter_count():
     assert counts["mlp"] == L * 3 * d * f
     assert counts["embedding"] == counts["lm_head"] == V * d
     assert counts["norm"] == (2 * L + 1) * d
+    assert set(counts) == {"attention", "mlp", "embedding", "lm_head", "norm"}
+
+
+def test_param_counts_follow_the_owning_module():
+    # QK-norm weights sit inside attention but count as norm; sinks are attention; learned positions positional
+    base = tiny().param_counts()
+    qk = tiny("model/attention=qk_norm").param_counts()
+    hd, L = 64 // 4, 2
+    assert qk["norm"] - base["norm"] == L * 2 * hd and qk["attention"] == base["attention"]
+    sinks = tiny("model/attention=sinks").param_counts()
+    assert sinks["attention"] - base["attention"] == L * 4 and sinks["norm"] == base["norm"]
+    learned = tiny("model/positional=learned").param_counts()
+    assert learned["positional"] == 64 * 64 and "positional" not in base
+    tied = tiny("model.tie_embeddings=true").param_counts()
+    assert "lm_head" not in tied and tied["embedding"] == base["embedding"]
 
 
 @pytest.mark.parametrize("overrides,key", [
@@ -78,7 +95,7 @@ def test_tinyllama_1b_parameter_count():
     (["model.kernels=cuda"], "model.kernels='cuda'"),
     (["model.attention.backend=flash"], "model.attention.backend='flash'"),
     (["model/attention=softcap", "model.attention.backend=sdpa"], "model.attention.softcap=50.0"),
-    (["model/attention=sinks", "model.attention.backend=triton"], "model.attention.sinks=True"),
+    (["model/attention=sinks", "model.attention.backend=fused"], "model.attention.sinks=True"),
     (["model=tinyllama_1b", "data.vocab_size=40000"], "model.vocab_size=32000"),
     (["model/norm=batchnorm"], "model/norm='batchnorm'"),
     (["model=tinyllama_7b"], "model='tinyllama_7b'"),
@@ -89,21 +106,108 @@ def test_config_errors_name_the_key(overrides, key):
     assert key in str(e.value), str(e.value)
 
 
-def test_unknown_option_lists_the_alternatives():
-    with pytest.raises(ConfigError, match="available: .*rmsnorm"):
-        compose(["model/norm=batchnorm"])
+@pytest.mark.parametrize("overrides,message", [
+    # a value build_model passes itself names the model-level key
+    (["model.n_layers=0"], "model.n_layers=0 is not valid: a positive integer"),
+    (["model.dim=0"], "model.dim=0 is not valid"),
+    (["model.block_size=0"], "model.block_size=0 is not valid"),
+    (["model.mlp_hidden=0"], "model.mlp_hidden=0 is not valid"),
+    (["model=tinyllama_1b", "model.vocab_size=0", "data.vocab_size=0"], "model.vocab_size=0 is not valid"),
+    # an argument from a component's own yaml names model.<group>.<arg>, nested keys included
+    (["model/positional=t5", "model.positional.num_buckets=7"], "model.positional.num_buckets=7 is not valid"),
+    (["model/positional=rope_yarn", "model.positional.scaling.factor=0.5"],
+     "model.positional.scaling.factor=0.5 is not valid"),
+    (["model/attention=softcap", "model.attention.softcap=-1.0"], "model.attention.softcap=-1.0 is not valid"),
+    (["+model.attention.window=0", "model.layer_pattern=S"], "model.attention.window=0 is not valid"),
+    # an interpolated value names the key it points at
+    (["model.n_kv_heads=3"], "model.n_kv_heads=3 is not valid: a divisor of n_heads=8"),
+    (["model=tiny", "data.vocab_size=0"], "data.vocab_size=0 is not valid"),
+    # the model asks each layer's backend about the positional that layer uses
+    (["model/positional=t5", "model.attention.backend=fused"], "model.attention.backend='fused' is not valid"),
+])
+def test_construction_errors_map_to_config_keys(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        compose(overrides)
+    assert message in str(e.value), str(e.value)
+
+
+def test_nope_layers_take_no_bias_so_fused_passes():
+    # only the layers that see T5's bias need a backend that applies it: N layers see none
+    compose(["model=tiny", "model/positional=t5", "model.attention.backend=fused", "model.layer_pattern=N"])
+    with pytest.raises(ConfigError, match="backend='fused'"):
+        compose(["model=tiny", "model/positional=t5", "model.attention.backend=fused", "model.layer_pattern=NG"])
+
+
+def test_unknown_layer_letter_on_the_dict_path():
+    # build_model on a plain dict, no compose: an unknown letter used to build a global layer silently
+    from omegaconf import OmegaConf
+    cfg = OmegaConf.to_container(compose(TINY).model, resolve=True)
+    assert len(build_model({**cfg, "layer_pattern": "GN"}).nope_layers) == 1
+    with pytest.raises(ConfigError, match=r"model.layer_pattern='GX' is not valid: a string of the letters G .*S .*N"):
+        build_model({**cfg, "layer_pattern": "GX"})
+    with pytest.raises(ConfigError, match="S \\(sliding-window\\) layers need model.attention.window"):
+        build_model({**cfg, "layer_pattern": "S"})
+
+
+def test_layer_kinds_build_what_they_say():
+    m = tiny("model/attention=sliding_window", "model.attention.window=8", "model.n_layers=4", "model.layer_pattern=SGNS")
+    assert [blk.attn.window for blk in m.layers] == [8, None, None, 8]
+    assert m.nope_layers == {2}
+    assert [blk.attn.window for blk in tiny("model/attention=sliding_window").layers] == [64, 64]   # no pattern
+
+
+def test_compose_builds_on_meta_only():
+    # the dry build spends no memory: composing TinyLlama-1.1B leaves no new parameters on the CPU
+    made = []
+    real = torch.nn.Module.register_parameter
+
+    def spy(self, name, p):
+        if p is not None:
+            made.append(p.device.type)
+        return real(self, name, p)
+    torch.nn.Module.register_parameter = spy
+    try:
+        compose(["model=tinyllama_1b"])
+    finally:
+        torch.nn.Module.register_parameter = real
+    assert made and set(made) == {"meta"}
+
+
+def _sweep_jobs(experiment):
+    "The jobs Hydra's basic sweeper launches for `smollm-train -m experiment=...`, each a tuple of overrides."
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir())))
+    cfg = loader.load_configuration("train", overrides=[f"experiment={experiment}"], run_mode=RunMode.MULTIRUN)
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides(params)
+    return [tuple(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
 @pytest.mark.parametrize("experiment", [e for e in options("experiment") if e.startswith("ablate_")])
 def test_ablation_experiments_sweep_existing_options(experiment):
-    from omegaconf import OmegaConf
-    from smollm.config import conf_dir
-    params = OmegaConf.load(conf_dir() / "experiment" / f"{experiment}.yaml").hydra.sweeper.params
-    groups = [k for k in params if "/" in k]
-    assert len(groups) == 1, "an ablation sweeps one family"
-    group = groups[0]
-    values = str(params[group]).split(",")
-    assert len(values) >= 3 and len(str(params.seed).split(",")) >= 2, "several options and several seeds"
+    jobs = _sweep_jobs(experiment)
+    swept = {o.partition("=")[0] for job in jobs for o in job} - {"seed"}
+    assert len(swept) == 1 and "/" in next(iter(swept)), "an ablation sweeps one family"
+    group = swept.pop()
+    values = sorted({o.partition("=")[2] for job in jobs for o in job if o.startswith(group + "=")})
+    seeds = {o for job in jobs for o in job if o.startswith("seed=")}
+    assert len(values) >= 3 and len(seeds) >= 2, "several options and several seeds"
+    assert len(jobs) == len(values) * len(seeds)
     for v in values:
         assert v in options(group), f"{experiment}: {group}={v} is not an option ({options(group)})"
         compose([f"experiment={experiment}", f"{group}={v}"])
+
+
+@pytest.mark.parametrize("experiment,group,left_out", [
+    ("ablate_norm", "model/norm", set()), ("ablate_mlp", "model/mlp", set()),
+    ("ablate_attention", "model/attention", {"softcap", "sinks"}),
+    ("ablate_positional", "model/positional", {o for o in options("model/positional") if o.startswith("rope_")}),
+])
+def test_ablations_sweep_every_option_of_their_group(experiment, group, left_out):
+    # the sweeps are globs: a new option file joins its family's ablation without editing the experiment
+    values = {o.partition("=")[2] for job in _sweep_jobs(experiment) for o in job if o.startswith(group + "=")}
+    assert values == set(options(group)) - left_out
