@@ -6,17 +6,18 @@
 from __future__ import annotations
 import codecs, hashlib, json, math, os, shutil, sys, sysconfig, tempfile, time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
+from .runs import progress_bar
 
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'KNOWN_SPECIALS', 'MIN_VOCAB', 'CACHE_FORMAT', 'TEXT_BUILDERS', 'DataError', 'seeded_generator',
            'hash_fraction', 'split_documents', 'train_bpe', 'load_tokenizer', 'special_ids', 'DataSource',
-           'default_cache_dir', 'read_utf8', 'check_utf8', 'TokenCorpus', 'PyStdlib', 'TextFiles', 'HFDataset', 'MQAR',
-           'unigram_loss', 'build_data']
+           'default_cache_dir', 'read_utf8', 'check_utf8', 'TokenStreams', 'cache_key', 'cache_complete', 'TokenCorpus',
+           'write_tokens', 'build_cache', 'PyStdlib', 'find_text_files', 'load_text_files', 'TextFiles', 'HFDataset',
+           'MQAR', 'unigram_loss', 'build_data']
 
 # %% ../nbs/20_data.ipynb #9fe7e578
 class DataError(ValueError):
@@ -171,158 +172,13 @@ def check_utf8(path: Path):
         raise DataError(f"{path}: not UTF-8 text (truncated character at the end); convert the file or leave it out") from None
 
 # %% ../nbs/20_data.ipynb #26a1fd29
-class TokenCorpus(DataSource):
-    """A text corpus, tokenized and cached. Subclasses define `_fingerprint`, `_keys`, `_texts` and `_where`.
-
-    vocab_size: the BPE size to train (the real one, `self.vocab_size`, can be a little smaller on small corpora);
-        with `tokenizer_path`, an upper bound the pretrained vocabulary must fit in (the model is sized from it).
-    val_fraction: the share of documents held out for validation, in (0, 1).
-    tokenizer_path: a tokenizer.json to use instead of training one; `bos_token`/`eos_token`/`pad_token` name its
-        special tokens when they are not the usual ones.
-    cache_dir: where the tokenized corpus is kept; None: $SMOLLM_CACHE, else ~/.cache/smollm."""
+class TokenStreams(DataSource):
+    """What the training loop reads from a tokenized corpus: the token streams `tokens('train')`, `tokens('val')`
+    (flat arrays of ids, each document followed by eos) and their tokenizer. Subclasses' `prepare()` sets
+    `_tokenizer`, `_tokens` ({'train', 'val'} -> array) and `_meta` (vocab_size, bos_id, eos_id, pad_id, n_tokens)."""
     metric = "loss"
+    _val_perm = None
 
-    def __init__(self, vocab_size: int = 8192, val_fraction: float = 0.05, tokenizer_path: str | None = None,
-                 cache_dir: str | None = None, bos_token: str | None = None, eos_token: str | None = None,
-                 pad_token: str | None = None):
-        if not 0 < val_fraction < 1:
-            raise DataError(f"val_fraction={val_fraction!r}: expected a number strictly between 0 and 1 (e.g. 0.05)")
-        if tokenizer_path is None and (int(vocab_size) != vocab_size or vocab_size < MIN_VOCAB):
-            raise DataError(f"vocab_size={vocab_size!r}: a byte-level BPE needs an integer >= {MIN_VOCAB} "
-                            "(256 bytes + 3 special tokens); e.g. 8192")
-        self.requested_vocab_size, self.val_fraction = int(vocab_size), float(val_fraction)
-        self.tokenizer_path = None if tokenizer_path is None else Path(tokenizer_path).expanduser().resolve()
-        if self.tokenizer_path is not None and not self.tokenizer_path.is_file():
-            load_tokenizer(self.tokenizer_path)   # raises the DataError that names the file
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.special_names = {"bos": bos_token, "eos": eos_token, "pad": pad_token}
-        self._ready, self._key, self._val_perm = False, None, {}
-        self.from_cache = None   # after prepare(): True when the cache was reused, False when it was built
-
-    # --- what subclasses define -------------------------------------------------------------------------
-    def _fingerprint(self) -> dict:
-        "What identifies the corpus without reading it: paths, sizes, modification times, settings."
-        raise NotImplementedError
-    def _keys(self) -> list[str]:
-        "One stable key per document (its split is decided by hashing it), in the order `_texts` yields them."
-        raise NotImplementedError
-    def _texts(self) -> Iterator[str]:
-        "The text of each document, in the order of `_keys`."
-        raise NotImplementedError
-    def _where(self) -> str:
-        "Where the corpus comes from, for messages."
-        return self.kind
-
-    # --- the cache --------------------------------------------------------------------------------------
-    @property
-    def cache_key(self) -> str:
-        if self._key is None:
-            tok = ({"pretrained": _file_sha1(self.tokenizer_path)} if self.tokenizer_path else
-                   {"bpe": self.requested_vocab_size, "specials": SPECIAL_TOKENS})
-            spec = {"format": CACHE_FORMAT, "kind": self.kind, "corpus": self._fingerprint(), "tokenizer": tok,
-                    "vocab_limit": self.requested_vocab_size, "val_fraction": self.val_fraction,
-                    "special_names": self.special_names}
-            self._key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-        return self._key
-
-    @property
-    def cache_path(self) -> Path:
-        return self.cache_dir / f"{self.kind}-{self.cache_key[:16]}"
-
-    @staticmethod
-    def _complete(path: Path) -> bool:
-        "Is `path` a finished cache folder whose files match its meta.json?"
-        try:
-            meta = json.loads((path / "meta.json").read_text())
-            size = np.dtype(meta["dtype"]).itemsize
-            return (meta["format"] == CACHE_FORMAT and (path / "tokenizer.json").is_file() and
-                    all((path / f"{s}.bin").stat().st_size == meta["n_tokens"][s] * size for s in ("train", "val")))
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
-
-    def prepare(self) -> "TokenCorpus":
-        "Load the tokenized corpus from the cache, building it first if needed; returns self."
-        if self._ready: return self
-        path = self.cache_path
-        self.from_cache = self._complete(path)
-        if not self.from_cache: self._build(path)
-        meta = json.loads((path / "meta.json").read_text())
-        self._tokenizer = load_tokenizer(path / "tokenizer.json")
-        self._meta, self._tokens = meta, {s: self._memmap(path / f"{s}.bin", meta["dtype"]) for s in ("train", "val")}
-        self._ready = True
-        return self
-
-    @staticmethod
-    def _memmap(path: Path, dtype: str) -> np.ndarray:
-        # numpy cannot map an empty file; an empty split is a zero-length array
-        return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
-
-    def _build(self, path: Path):
-        t0 = time.time()
-        keys = self._keys()
-        if not keys: raise DataError(f"{self._where()}: no documents found; give a corpus with at least one document")
-        splits = split_documents(keys, self.val_fraction)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
-        try:
-            if self.tokenizer_path is not None:
-                tok = load_tokenizer(self.tokenizer_path)
-                ids = special_ids(tok, **self.special_names, where=f"tokenizer_path={str(self.tokenizer_path)!r}")
-            else:
-                texts = tqdm(self._texts(), total=len(keys), desc=f"{self.kind}: reading", unit="doc")
-                train_texts = (t for t, s in zip(texts, splits) if s != "val")
-                tok = train_bpe(train_texts, self.requested_vocab_size, length=len(keys) - splits.count("val"))
-                ids = special_ids(tok, **SPECIAL_TOKENS)
-            vocab = tok.get_vocab_size(with_added_tokens=True)
-            if vocab > self.requested_vocab_size:
-                raise DataError(f"tokenizer_path={str(self.tokenizer_path)!r} has {vocab} tokens, more than "
-                                f"data.vocab_size={self.requested_vocab_size}, from which the model's embedding is "
-                                f"sized; set data.vocab_size={vocab}")
-            dtype = "uint16" if vocab <= 2**16 else "uint32"
-            n_docs, n_tokens = self._write_tokens(tok, keys, splits, ids["eos"], np.dtype(dtype), tmp)
-            if n_docs["train"] == 0:
-                raise DataError(f"{self._where()}: the corpus is empty (its {len(keys)} documents hold no text in the "
-                                "training split); give files with some text")
-            tok.save(str(tmp / "tokenizer.json"))
-            meta = {"format": CACHE_FORMAT, "kind": self.kind, "where": self._where(), "key": self.cache_key,
-                    "vocab_size": vocab, **{f"{r}_id": i for r, i in ids.items()}, "dtype": dtype,
-                    "n_docs": n_docs, "n_tokens": n_tokens,
-                    "tokenizer": str(self.tokenizer_path) if self.tokenizer_path else "byte-level BPE",
-                    "build_seconds": round(time.time() - t0, 2)}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-            if not self._complete(path):              # else another process finished first: keep its copy
-                if path.exists(): shutil.rmtree(path)  # an incomplete folder is never trusted
-                os.replace(tmp, path)                  # atomic: the cache appears whole or not at all
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def _write_tokens(self, tok, keys, splits, eos, dtype, out: Path, chunk: int = 256):
-        "Encode every document, append eos, and append the ids to out/train.bin or out/val.bin."
-        n_docs, n_tokens = {"train": 0, "val": 0}, {"train": 0, "val": 0}
-        files = {s: open(out / f"{s}.bin", "wb") for s in ("train", "val")}
-        def put(s, a):
-            a.tofile(files[s]); n_tokens[s] += len(a)
-        def flush(batch):
-            for (split, _), enc in zip(batch, tok.encode_batch_fast([t for _, t in batch], add_special_tokens=False)):
-                a = np.asarray(enc.ids + [eos], dtype=dtype)
-                if split == "cut":   # a lone document: its last val_fraction of tokens is the validation split
-                    k = len(a) - max(1, round(len(a) * self.val_fraction))
-                    put("train", a[:k]); put("val", a[k:]); n_docs["train"] += 1; n_docs["val"] += 1
-                else:
-                    put(split, a); n_docs[split] += 1
-        try:
-            batch = []
-            texts = tqdm(self._texts(), total=len(keys), desc=f"{self.kind}: tokenizing", unit="doc")
-            for split, text in zip(splits, texts):
-                if not text: continue   # an empty document adds nothing, not even an eos
-                batch.append((split, text))
-                if len(batch) == chunk: flush(batch); batch = []
-            flush(batch)
-        finally:
-            for f in files.values(): f.close()
-        return n_docs, n_tokens
-
-    # --- what the training loop uses ----------------------------------------------------------------------
     @property
     def tokenizer(self) -> Tokenizer: return self.prepare()._tokenizer
     @property
@@ -358,6 +214,7 @@ class TokenCorpus(DataSource):
             starts = torch.randint(0, len(data) - block_size, (batch_size,), generator=seeded_generator("train", seed, step, rank))
         else:
             n_win = len(data) // (block_size + 1)   # non-overlapping windows, visited in a fixed shuffled order
+            if self._val_perm is None: self._val_perm = {}
             if block_size not in self._val_perm:
                 self._val_perm[block_size] = torch.randperm(n_win, generator=seeded_generator("val", block_size))
             first = (step * world_size + rank) * batch_size
@@ -372,11 +229,173 @@ class TokenCorpus(DataSource):
         logp = np.log(np.bincount(train, minlength=V) + 1.0) - math.log(len(train) + V)
         return float(-(np.bincount(val, minlength=V) * logp).sum() / max(len(val), 1))
 
+    def _where(self) -> str:
+        "Where the corpus comes from, for messages."
+        return self.kind
+
+# %% ../nbs/20_data.ipynb #f6b26f2b
+def cache_key(kind: str, fingerprint: dict, tokenizer: dict, vocab_limit: int, val_fraction: float,
+              special_names: dict) -> str:
+    """The sha1 (hex) that names a tokenized corpus: its `kind`, the corpus `fingerprint`, the `tokenizer` spec
+    (the BPE size, or the sha1 of a pretrained tokenizer.json), the vocabulary limit, the validation share, the
+    special-token names and CACHE_FORMAT."""
+    spec = {"format": CACHE_FORMAT, "kind": kind, "corpus": fingerprint, "tokenizer": tokenizer,
+            "vocab_limit": vocab_limit, "val_fraction": val_fraction, "special_names": special_names}
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+def cache_complete(path: Path) -> bool:
+    "Is `path` a finished cache folder: meta.json of CACHE_FORMAT, tokenizer.json, and token files of the sizes meta.json gives?"
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        size = np.dtype(meta["dtype"]).itemsize
+        return (meta["format"] == CACHE_FORMAT and (path / "tokenizer.json").is_file() and
+                all((path / f"{s}.bin").stat().st_size == meta["n_tokens"][s] * size for s in ("train", "val")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+# %% ../nbs/20_data.ipynb #e8ff334e
+class TokenCorpus(TokenStreams):
+    """A text corpus, tokenized and cached. Subclasses define `_fingerprint`, `_keys`, `_texts` and `_where`.
+
+    vocab_size: the BPE size to train (the real one, `self.vocab_size`, can be a little smaller on small corpora);
+        with `tokenizer_path`, an upper bound the pretrained vocabulary must fit in (the model is sized from it).
+    val_fraction: the share of documents held out for validation, in (0, 1).
+    tokenizer_path: a tokenizer.json to use instead of training one; `bos_token`/`eos_token`/`pad_token` name its
+        special tokens when they are not the usual ones.
+    cache_dir: where the tokenized corpus is kept; None: $SMOLLM_CACHE, else ~/.cache/smollm."""
+    def __init__(self, vocab_size: int = 8192, val_fraction: float = 0.05, tokenizer_path: str | None = None,
+                 cache_dir: str | None = None, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None):
+        if not 0 < val_fraction < 1:
+            raise DataError(f"val_fraction={val_fraction!r}: expected a number strictly between 0 and 1 (e.g. 0.05)")
+        if tokenizer_path is None and (int(vocab_size) != vocab_size or vocab_size < MIN_VOCAB):
+            raise DataError(f"vocab_size={vocab_size!r}: a byte-level BPE needs an integer >= {MIN_VOCAB} "
+                            "(256 bytes + 3 special tokens); e.g. 8192")
+        self.requested_vocab_size, self.val_fraction = int(vocab_size), float(val_fraction)
+        self.tokenizer_path = None if tokenizer_path is None else Path(tokenizer_path).expanduser().resolve()
+        if self.tokenizer_path is not None and not self.tokenizer_path.is_file():
+            load_tokenizer(self.tokenizer_path)   # raises the DataError that names the file
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.special_names = {"bos": bos_token, "eos": eos_token, "pad": pad_token}
+        self._ready, self._key, self._val_perm = False, None, {}
+        self.from_cache = None   # after prepare(): True when the cache was reused, False when it was built
+
+    def _fingerprint(self) -> dict:
+        "What identifies the corpus without reading it: paths, sizes, modification times, settings."
+        raise NotImplementedError
+    def _keys(self) -> list[str]:
+        "One stable key per document (its split is decided by hashing it), in the order `_texts` yields them."
+        raise NotImplementedError
+    def _texts(self) -> Iterator[str]:
+        "The text of each document, in the order of `_keys`."
+        raise NotImplementedError
+
+    @property
+    def cache_key(self) -> str:
+        if self._key is None:
+            tok = ({"pretrained": _file_sha1(self.tokenizer_path)} if self.tokenizer_path else
+                   {"bpe": self.requested_vocab_size, "specials": SPECIAL_TOKENS})
+            self._key = cache_key(self.kind, self._fingerprint(), tok, self.requested_vocab_size, self.val_fraction,
+                                  self.special_names)
+        return self._key
+
+    @property
+    def cache_path(self) -> Path:
+        return self.cache_dir / f"{self.kind}-{self.cache_key[:16]}"
+
+    def prepare(self) -> "TokenCorpus":
+        "Load the tokenized corpus from the cache, building it first if needed (`build_cache`); returns self."
+        if self._ready: return self
+        path = self.cache_path
+        self.from_cache = cache_complete(path)
+        if not self.from_cache: build_cache(self, path)
+        meta = json.loads((path / "meta.json").read_text())
+        mmap = lambda f: np.memmap(f, dtype=meta["dtype"], mode="r") if f.stat().st_size else np.zeros(0, meta["dtype"])
+        self._tokenizer, self._meta = load_tokenizer(path / "tokenizer.json"), meta
+        self._tokens = {s: mmap(path / f"{s}.bin") for s in ("train", "val")}   # numpy cannot map an empty file
+        self._ready = True
+        return self
+
     def describe(self) -> str:
         m = self.prepare()._meta
         return (f"{self.kind} ({self._where()}): {m['n_docs']['train']:,}/{m['n_docs']['val']:,} train/val documents, "
                 f"{m['n_tokens']['train']:,}/{m['n_tokens']['val']:,} train/val tokens, vocab {m['vocab_size']:,} "
                 f"({m['tokenizer']}), {'cached' if self.from_cache else 'built'} in {self.cache_path}")
+
+# %% ../nbs/20_data.ipynb #dfe8a2c3
+def write_tokens(docs: Iterable[tuple[str, str]], tok: Tokenizer, eos: int, dtype, out: Path, val_fraction: float,
+                 chunk: int = 256) -> tuple[dict, dict]:
+    """Encode each (split, text) of `docs` with `tok`, append `eos`, and write the ids (numpy `dtype`) to out/train.bin
+    or out/val.bin ('cut': the last `val_fraction` of the tokens to val). Returns (documents, tokens) per split."""
+    n_docs, n_tokens = {"train": 0, "val": 0}, {"train": 0, "val": 0}
+    files = {s: open(out / f"{s}.bin", "wb") for s in ("train", "val")}
+    def put(s, a):
+        a.tofile(files[s]); n_tokens[s] += len(a)
+    def flush(batch):
+        for (split, _), enc in zip(batch, tok.encode_batch_fast([t for _, t in batch], add_special_tokens=False)):
+            a = np.asarray(enc.ids + [eos], dtype=dtype)
+            if split == "cut":   # a lone document: its last val_fraction of tokens is the validation split
+                k = len(a) - max(1, round(len(a) * val_fraction))
+                put("train", a[:k]); put("val", a[k:]); n_docs["train"] += 1; n_docs["val"] += 1
+            else:
+                put(split, a); n_docs[split] += 1
+    try:
+        batch = []
+        for split, text in docs:
+            if not text: continue   # an empty document adds nothing, not even an eos
+            batch.append((split, text))
+            if len(batch) == chunk: flush(batch); batch = []
+        flush(batch)
+    finally:
+        for f in files.values(): f.close()
+    return n_docs, n_tokens
+
+# %% ../nbs/20_data.ipynb #4360a726
+def _tokenizer_for(corpus: TokenCorpus, keys: list[str], splits: list[str]) -> tuple[Tokenizer, dict]:
+    "The corpus's tokenizer and its special ids: the pretrained one, or a BPE trained on the training documents."
+    if corpus.tokenizer_path is not None:
+        tok = load_tokenizer(corpus.tokenizer_path)
+        ids = special_ids(tok, **corpus.special_names, where=f"tokenizer_path={str(corpus.tokenizer_path)!r}")
+    else:
+        texts = progress_bar(corpus._texts(), total=len(keys), desc=f"{corpus.kind}: reading", unit="doc")
+        train_texts = (t for t, s in zip(texts, splits) if s != "val")
+        tok = train_bpe(train_texts, corpus.requested_vocab_size, length=len(keys) - splits.count("val"))
+        ids = special_ids(tok, **SPECIAL_TOKENS)
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    if vocab > corpus.requested_vocab_size:
+        raise DataError(f"tokenizer_path={str(corpus.tokenizer_path)!r} has {vocab} tokens, more than "
+                        f"data.vocab_size={corpus.requested_vocab_size}, from which the model's embedding is "
+                        f"sized; set data.vocab_size={vocab}")
+    return tok, ids
+
+def build_cache(corpus: TokenCorpus, path: Path):
+    "Tokenize `corpus` into the cache folder `path` (tokenizer.json, train.bin, val.bin, meta.json), atomically."
+    t0, keys = time.time(), corpus._keys()
+    if not keys: raise DataError(f"{corpus._where()}: no documents found; give a corpus with at least one document")
+    splits = split_documents(keys, corpus.val_fraction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{path.name}.tmp-", dir=path.parent))
+    try:
+        tok, ids = _tokenizer_for(corpus, keys, splits)
+        vocab = tok.get_vocab_size(with_added_tokens=True)
+        dtype = "uint16" if vocab <= 2**16 else "uint32"
+        texts = progress_bar(corpus._texts(), total=len(keys), desc=f"{corpus.kind}: tokenizing", unit="doc")
+        n_docs, n_tokens = write_tokens(zip(splits, texts), tok, ids["eos"], np.dtype(dtype), tmp, corpus.val_fraction)
+        if n_docs["train"] == 0:
+            raise DataError(f"{corpus._where()}: the corpus is empty (its {len(keys)} documents hold no text in the "
+                            "training split); give files with some text")
+        tok.save(str(tmp / "tokenizer.json"))
+        meta = {"format": CACHE_FORMAT, "kind": corpus.kind, "where": corpus._where(), "key": corpus.cache_key,
+                "vocab_size": vocab, **{f"{r}_id": i for r, i in ids.items()}, "dtype": dtype,
+                "n_docs": n_docs, "n_tokens": n_tokens,
+                "tokenizer": str(corpus.tokenizer_path) if corpus.tokenizer_path else "byte-level BPE",
+                "build_seconds": round(time.time() - t0, 2)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if not cache_complete(path):              # else another process finished first: keep its copy
+            if path.exists(): shutil.rmtree(path)  # an incomplete folder is never trusted
+            os.replace(tmp, path)                  # atomic: the cache appears whole or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/20_data.ipynb #3f7443f9
 class PyStdlib(TokenCorpus):
@@ -419,6 +438,59 @@ class PyStdlib(TokenCorpus):
 # %% ../nbs/20_data.ipynb #b7a25ebc
 TEXT_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
+def find_text_files(paths) -> list[tuple[str, Path]]:
+    """(key, absolute path) of every corpus file in `paths` (files, or folders searched recursively for the
+    extensions of TEXT_BUILDERS); a key is the path relative to the folder above the listed path."""
+    if isinstance(paths, (str, os.PathLike)): paths = [paths]
+    if paths is None or not len(paths):
+        raise DataError("data.paths is empty: give a list of .txt, .jsonl, .json or .parquet files or folders")
+    accepted, files = ", ".join(TEXT_BUILDERS), []
+    for p in map(lambda p: Path(str(p)).expanduser().resolve(), paths):
+        if not p.exists(): raise DataError(f"data.paths: {p} does not exist; give existing {accepted} files or folders")
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_BUILDERS)
+            if not found: raise DataError(f"data.paths: the folder {p} holds no {accepted} files")
+            files += [(f.relative_to(p.parent).as_posix(), f) for f in found]
+        elif p.suffix.lower() not in TEXT_BUILDERS:
+            raise DataError(f"data.paths: {p} has the unknown extension {p.suffix!r}; accepted: {accepted}")
+        else:
+            files.append((p.name, p))
+    return files
+
+# %% ../nbs/20_data.ipynb #27c2494b
+def load_text_files(files: list[tuple[str, Path]], text_field: str, cache_dir: Path) -> list[tuple[list, object, str]]:
+    "[(document keys, datasets.Dataset, text column)] for `files`: the .txt files together (a row per file), the rest one by one."
+    import datasets
+    out = []
+    def load(builder, paths, **kw):
+        try: return datasets.load_dataset(builder, data_files=[str(p) for p in paths], split="train",
+                                          cache_dir=str(cache_dir), **kw)
+        except Exception as e:
+            raise DataError(f"{', '.join(map(str, paths))}: could not be read as {builder} ({type(e).__name__}: "
+                            f"{e}); give well-formed {builder} files") from e
+    for _, p in files:
+        if p.suffix.lower() != ".parquet": check_utf8(p)
+    txt = [(k, p) for k, p in files if p.suffix.lower() == ".txt"]
+    if txt:
+        ds = load("text", [p for _, p in txt], sample_by="document")
+        if len(ds) != len(txt):
+            where = ", ".join(str(p) for _, p in files[:3]) + (", ..." if len(files) > 3 else "")
+            raise DataError(f"{where}: expected one document per .txt file, got {len(ds)} for {len(txt)}")
+        out.append(([k for k, _ in txt], ds, "text"))
+    for k, p in files:
+        if p.suffix.lower() == ".txt": continue
+        ds = load(TEXT_BUILDERS[p.suffix.lower()], [p])
+        if text_field not in ds.column_names:
+            raise DataError(f"{p}: has no field {text_field!r}; its fields are {ds.column_names}: "
+                            "set data.text_field to the one holding the text")
+        out.append(([f"{k}#{i}" for i in range(len(ds))], ds, text_field))
+    return out
+
+def _column(ds, col: str, batch: int = 1000) -> Iterator:
+    "The values of column `col` of a `datasets.Dataset`, read in batches (much faster than row by row)."
+    for b in ds.select_columns([col]).iter(batch_size=batch): yield from b[col]
+
+# %% ../nbs/20_data.ipynb #8bd79ad9
 class TextFiles(TokenCorpus):
     """Local text files: `paths` are .txt/.jsonl/.json/.parquet files or folders of them; `text_field` is the column
     holding the text in json/parquet rows; `max_docs` caps the number of documents. Other arguments: `TokenCorpus`."""
@@ -431,21 +503,7 @@ class TextFiles(TokenCorpus):
         self.text_field, self.max_docs = text_field, max_docs
         if max_docs is not None and (int(max_docs) != max_docs or max_docs < 1):
             raise DataError(f"max_docs={max_docs!r}: expected a positive integer, or null for every document")
-        if isinstance(paths, (str, os.PathLike)): paths = [paths]
-        if paths is None or not len(paths):
-            raise DataError("data.paths is empty: give a list of .txt, .jsonl, .json or .parquet files or folders")
-        accepted = ", ".join(TEXT_BUILDERS)
-        self.files = []   # (key, absolute path)
-        for p in map(lambda p: Path(str(p)).expanduser().resolve(), paths):
-            if not p.exists(): raise DataError(f"data.paths: {p} does not exist; give existing {accepted} files or folders")
-            if p.is_dir():
-                found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_BUILDERS)
-                if not found: raise DataError(f"data.paths: the folder {p} holds no {accepted} files")
-                self.files += [(f.relative_to(p.parent).as_posix(), f) for f in found]
-            elif p.suffix.lower() not in TEXT_BUILDERS:
-                raise DataError(f"data.paths: {p} has the unknown extension {p.suffix!r}; accepted: {accepted}")
-            else:
-                self.files.append((p.name, p))
+        self.files = find_text_files(paths)   # (key, absolute path)
         self._loaded = None
 
     def _where(self): return ", ".join(str(p) for _, p in self.files[:3]) + (", ..." if len(self.files) > 3 else "")
@@ -453,33 +511,8 @@ class TextFiles(TokenCorpus):
         return {"files": [[k, str(p), *_stat(p)] for k, p in self.files], "text_field": self.text_field,
                 "max_docs": self.max_docs}
 
-    def _load(self):
-        "[(keys, dataset, column)] for each group of files; .txt files are loaded together, one row per file."
-        import datasets
-        cache, out = str(self.cache_dir / "datasets"), []
-        def load(builder, files, **kw):
-            try: return datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", cache_dir=cache, **kw)
-            except Exception as e:
-                raise DataError(f"{', '.join(map(str, files))}: could not be read as {builder} ({type(e).__name__}: "
-                                f"{e}); give well-formed {builder} files") from e
-        for _, p in self.files:
-            if p.suffix.lower() != ".parquet": check_utf8(p)
-        txt = [(k, p) for k, p in self.files if p.suffix.lower() == ".txt"]
-        if txt:
-            ds = load("text", [p for _, p in txt], sample_by="document")
-            if len(ds) != len(txt): raise DataError(f"{self._where()}: expected one document per .txt file, got {len(ds)} for {len(txt)}")
-            out.append(([k for k, _ in txt], ds, "text"))
-        for k, p in self.files:
-            if p.suffix.lower() == ".txt": continue
-            ds = load(TEXT_BUILDERS[p.suffix.lower()], [p])
-            if self.text_field not in ds.column_names:
-                raise DataError(f"{p}: has no field {self.text_field!r}; its fields are {ds.column_names}: "
-                                "set data.text_field to the one holding the text")
-            out.append(([f"{k}#{i}" for i in range(len(ds))], ds, self.text_field))
-        return out
-
     def _keys(self):
-        self._loaded = self._load()
+        self._loaded = load_text_files(self.files, self.text_field, self.cache_dir / "datasets")
         keys = [k for ks, _, _ in self._loaded for k in ks]
         return keys[:self.max_docs] if self.max_docs else keys
 
@@ -492,10 +525,6 @@ class TextFiles(TokenCorpus):
                     raise DataError(f"{keys[i]}: field {col!r} holds {type(t).__name__} {t!r:.40}, expected a string")
                 n += 1
                 yield t
-
-def _column(ds, col: str, batch: int = 1000) -> Iterator:
-    "The values of column `col` of a `datasets.Dataset`, read in batches (much faster than row by row)."
-    for b in ds.select_columns([col]).iter(batch_size=batch): yield from b[col]
 
 # %% ../nbs/20_data.ipynb #5aae99a1
 class HFDataset(TokenCorpus):

@@ -87,15 +87,16 @@ def read_metrics(path) -> list[dict]:
 # %% ../nbs/09_runs.ipynb #fb4cf1d7
 LOG_INTERVAL = 30.0   # seconds between progress updates when the output is not a terminal
 
-def progress_bar(total=None, initial: int = 0, desc: str = "", enabled: bool = True, file=None, **kw):
-    """A tqdm progress bar on `file` (default: standard error): redrawn often on a terminal, at most every
-    `LOG_INTERVAL` seconds elsewhere (a job log, CI). enabled=False: a bar that shows nothing; `kw` go to tqdm."""
+def progress_bar(iterable=None, total=None, initial: int = 0, desc: str = "", enabled: bool = True, file=None, **kw):
+    """A tqdm progress bar (over `iterable`, if given) on `file` (default: standard error): redrawn often on a
+    terminal, at most every `LOG_INTERVAL` seconds elsewhere (a job log, CI). enabled=False: a bar that shows
+    nothing; `kw` go to tqdm."""
     import sys
     from tqdm import tqdm
     file = sys.stderr if file is None else file
     tty = bool(getattr(file, "isatty", lambda: False)())
     if not tty: kw = {"mininterval": LOG_INTERVAL, **kw}
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, file=file, dynamic_ncols=tty, **kw)
+    return tqdm(iterable, total=total, initial=initial, desc=desc, disable=not enabled, file=file, dynamic_ncols=tty, **kw)
 
 # %% ../nbs/09_runs.ipynb #bc5d9c1b
 def rng_state() -> dict:

@@ -475,6 +475,7 @@ def finish(run: TrainRun, t_start: float) -> dict:
     print(final_line(summary, time.perf_counter() - t_start, run.run_dir), flush=True)
     return summary
 
+# %% ../nbs/21_train.ipynb #0b4977ae
 def write_samples(model, source, val, path, n: int, new_tokens: int, max_len: int):
     "samples.txt: greedy continuations (smollm.generate) of the first 16 tokens of a few validation windows (text only)."
     if not n: return

@@ -135,7 +135,7 @@ def test_an_interrupted_build_leaves_nothing_trusted(tmp_path, monkeypatch):
     src = PyStdlib(vocab_size=300, max_files=6, cache_dir=tmp_path)
 
     def killed(*a, **k): raise KeyboardInterrupt
-    monkeypatch.setattr(PyStdlib, "_write_tokens", killed)
+    monkeypatch.setattr(sd, "write_tokens", killed)
     with pytest.raises(KeyboardInterrupt): src.prepare()
     assert not src.cache_path.exists() and not list(tmp_path.glob("*.tmp-*"))
     monkeypatch.undo()
