@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 import torch.nn as nn
+from .positional import HF_ROPE_NAMES, ROPE_SCALINGS, RopeScaling, scaling_keys
 
 # %% auto #0
 __all__ = ['HF_MODEL_TYPES', 'ROPE_TYPES', 'CheckpointError', 'read_hf_config', 'hf_rope', 'hf_overrides', 'from_hf', 'hf_config',
@@ -16,7 +17,7 @@ __all__ = ['HF_MODEL_TYPES', 'ROPE_TYPES', 'CheckpointError', 'read_hf_config', 
 
 # %% ../nbs/31_hf.ipynb #c522a550
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")   # HF rope_type values smollm.positional.RoPE has
+ROPE_TYPES = ("default", *ROPE_SCALINGS)   # HF rope_type values smollm.positional.RoPE has: plain, and its scalings
 
 class CheckpointError(ValueError):
     "A checkpoint that cannot be read or written faithfully; the message names the file, field or tensors."
@@ -46,15 +47,11 @@ def _hf_dtype(cfg: dict) -> torch.dtype | None:
     return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else None
 
 # %% ../nbs/31_hf.ipynb #86f4128b
-_ROPE_KEYS = {  # HF rope parameter -> key of smollm's RoPE `scaling:` dict, per scaling type
-    "linear": {"factor": "factor", "original_max_position_embeddings": "original_max_seq_len"},
-    "dynamic": {"factor": "factor", "original_max_position_embeddings": "original_max_seq_len"},
-    "llama3": {"factor": "factor", "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
-               "original_max_position_embeddings": "original_max_seq_len"},
-    "yarn": {"factor": "factor", "original_max_position_embeddings": "original_max_seq_len",
-             "beta_fast": "beta_fast", "beta_slow": "beta_slow", "attention_factor": "attention_factor",
-             "mscale": "mscale", "mscale_all_dim": "mscale_all_dim", "truncate": "truncate"},
-}
+_TO_HF = {mine: hf for hf, mine in HF_ROPE_NAMES.items()}   # smollm scaling key -> HF rope parameter
+
+def _hf_rope_keys(kind: str) -> dict[str, str]:
+    "{HF rope parameter: smollm `scaling:` key} for scaling type `kind`: the scaling class's arguments, HF-named."
+    return {_TO_HF.get(k, k): k for k in scaling_keys(kind)}
 
 def hf_rope(cfg: dict) -> dict:
     "The `model.positional` settings (theta, fraction, scaling) of an HF config in the 4.x or 5.x dialect."
@@ -74,11 +71,12 @@ def hf_rope(cfg: dict) -> dict:
             params["original_max_position_embeddings"] = cfg.get("max_position_embeddings")
         else:                   # HF's default for the pre-training context
             params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
-        unknown = sorted(set(params) - set(_ROPE_KEYS[kind]))
+        keys = _hf_rope_keys(kind)
+        unknown = sorted(set(params) - set(keys))
         if unknown:
             raise CheckpointError(f"config.json rope scaling {kind!r} has fields smollm does not read: {unknown}; "
-                                  f"it reads {sorted(_ROPE_KEYS[kind])}")
-        out["scaling"] = {"type": kind, **{_ROPE_KEYS[kind][k]: v for k, v in params.items() if v is not None}}
+                                  f"it reads {sorted(keys)}")
+        out["scaling"] = {"type": kind, **{keys[k]: v for k, v in params.items() if v is not None}}
     return out
 
 # %% ../nbs/31_hf.ipynb #0677269c
@@ -322,30 +320,27 @@ def _fail(component: str, value, why: str):
     raise CheckpointError(f"{component}: {value} has no Hugging Face equivalent ({why}); "
                           "to_hf writes Llama, Mistral and Qwen2 models")
 
+_HF_NO_ORIGINAL = ("linear", "dynamic")   # HF rope types that read no original_max_position_embeddings
+
 def _hf_rope_params(pos) -> dict:
-    "HF rope_parameters for a smollm RoPE and its scaling (a `smollm.positional.RopeScaling`)."
-    from smollm.positional import ROPE_SCALINGS, RopeScaling
+    "HF rope_parameters for a smollm RoPE `pos`: rope_type, rope_theta, and its scaling's arguments under HF's names."
     s, out = pos.scaling, {"rope_type": "default", "rope_theta": float(pos.theta)}
     if type(s) is RopeScaling:
         return out
-    kind = {cls: name for name, cls in ROPE_SCALINGS.items()}.get(type(s))
-    if kind is None:
+    if ROPE_SCALINGS.get(getattr(s, "type", None)) is not type(s):
         _fail("positional.scaling", type(s).__name__, f"HF knows the RoPE scalings {sorted(ROPE_SCALINGS)}")
-    if kind == "dynamic" and s.original_max_seq_len != pos.max_seq_len:
+    if s.type == "dynamic" and s.original_max_seq_len != pos.max_seq_len:
         _fail("positional.scaling", f"dynamic from original_max_seq_len={s.original_max_seq_len}",
               f"HF's dynamic scaling stretches from max_position_embeddings={pos.max_seq_len}")
-    out |= {"rope_type": kind, "factor": s.factor}
-    if kind in ("llama3", "yarn"):
-        out["original_max_position_embeddings"] = s.original_max_seq_len
-    if kind == "llama3":
-        out |= {"low_freq_factor": s.low, "high_freq_factor": s.high}
-    if kind == "yarn":
-        out |= {"beta_fast": s.beta_fast, "beta_slow": s.beta_slow, "attention_factor": s.attention_factor,
-                "truncate": s.truncate}
+    out["rope_type"] = s.type
+    for hf_name, key in _hf_rope_keys(s.type).items():
+        if hasattr(s, key) and not (hf_name == "original_max_position_embeddings" and s.type in _HF_NO_ORIGINAL):
+            out[hf_name] = getattr(s, key)
     return out
 
-def hf_config(model) -> dict:
-    "config.json (transformers 4.x and 5.x readable) of the HF model equivalent to the smollm `model`."
+# %% ../nbs/31_hf.ipynb #bf93fb1e
+def _hf_parts(model) -> dict:
+    "Check that `model` has an HF Llama/Mistral/Qwen2 equivalent (CheckpointError naming what has none); its shape."
     from smollm.attention import Attention
     from smollm.mlp import SwiGLU
     from smollm.norms import RMSNorm
@@ -358,7 +353,6 @@ def hf_config(model) -> dict:
     if model.nope_layers:
         _fail("layer_pattern", f"NoPE layers {sorted(model.nope_layers)}", "every HF layer uses RoPE")
     norms = [model.norm]
-    attn = [blk.attn for blk in model.layers]
     for i, blk in enumerate(model.layers):
         if blk.placement != "pre" or blk.parallel:
             _fail(f"layers.{i}", f"placement={blk.placement!r}, parallel={blk.parallel}", "HF blocks are pre-norm, sequential")
@@ -374,40 +368,55 @@ def hf_config(model) -> dict:
         if type(n) is not RMSNorm or n.unit_offset:
             _fail("norm", type(n).__name__ + (" with unit_offset" if getattr(n, "unit_offset", False) else ""),
                   "HF norms are RMSNorm with a plain weight")
+    attn = [blk.attn for blk in model.layers]
     shape = {(a.n_heads, a.n_kv_heads, a.head_dim, a.q_proj.bias is not None) for a in attn}
     if len(shape) != 1 or len({n.eps for n in norms}) != 1:
         _fail("layers", "layers of different shapes or norm eps", "HF layers are all alike")
     (n_heads, n_kv, head_dim, qkv_bias), = shape
-    mlp_bias = model.layers[0].mlp.gate_proj.bias is not None
-    windows = [a.window for a in attn]
+    return dict(n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, qkv_bias=qkv_bias, eps=norms[0].eps,
+                mlp_bias=model.layers[0].mlp.gate_proj.bias is not None, windows=[a.window for a in attn])
+
+# %% ../nbs/31_hf.ipynb #a063ff1b
+def _hf_model_type(parts: dict) -> tuple[str, int | None]:
+    "(model_type, sliding window) for the pieces `_hf_parts` read: llama, mistral (one window everywhere) or qwen2."
+    windows = parts["windows"]
     slide = {w for w in windows if w is not None}
     if len(slide) > 1:
         _fail("attention.window", sorted(slide), "HF models have one sliding window size")
     window = slide.pop() if slide else None
     mixed = window is not None and None in windows
-    mt = "qwen2" if (qkv_bias or mixed) else "mistral" if window else "llama"
-    if mlp_bias and mt != "llama":
+    mt = "qwen2" if (parts["qkv_bias"] or mixed) else "mistral" if window else "llama"
+    if parts["mlp_bias"] and mt != "llama":
         _fail("mlp bias", "with q/k/v biases or a sliding window", "only HF Llama has mlp_bias")
-    rope = _hf_rope_params(pos)
+    return mt, window
+
+# %% ../nbs/31_hf.ipynb #329c8f67
+def hf_config(model) -> dict:
+    "config.json (transformers 4.x and 5.x readable) of the HF model equivalent to the smollm `model`."
+    parts = _hf_parts(model)
+    mt, window = _hf_model_type(parts)
+    pos, rope = model.positional, _hf_rope_params(model.positional)
     dtype = str(model.embed.weight.dtype).removeprefix("torch.")
     cfg = dict(architectures=[{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                "qwen2": "Qwen2ForCausalLM"}[mt]], model_type=mt,
                vocab_size=model.vocab_size, hidden_size=model.dim, intermediate_size=model.layers[0].mlp.gate_proj.out_features,
-               num_hidden_layers=len(model.layers), num_attention_heads=n_heads, num_key_value_heads=n_kv,
-               head_dim=head_dim, hidden_act="silu", max_position_embeddings=pos.max_seq_len,
-               rms_norm_eps=norms[0].eps, tie_word_embeddings=model.lm_head.weight is model.embed.weight,
+               num_hidden_layers=len(model.layers), num_attention_heads=parts["n_heads"],
+               num_key_value_heads=parts["n_kv"], head_dim=parts["head_dim"], hidden_act="silu",
+               max_position_embeddings=pos.max_seq_len, rms_norm_eps=parts["eps"],
+               tie_word_embeddings=model.lm_head.weight is model.embed.weight,
                rope_theta=rope["rope_theta"], rope_scaling=None if rope["rope_type"] == "default" else rope,
                rope_parameters=rope, dtype=dtype, torch_dtype=dtype)
     if mt == "llama":
-        cfg |= dict(attention_bias=False, mlp_bias=mlp_bias)
+        cfg |= dict(attention_bias=False, mlp_bias=parts["mlp_bias"])
     elif mt == "mistral":
         cfg |= dict(sliding_window=window)
     else:
-        types = ["sliding_attention" if w else "full_attention" for w in windows]
+        types = ["sliding_attention" if w else "full_attention" for w in parts["windows"]]
         cfg |= dict(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0,
                     layer_types=types)
     return cfg
 
+# %% ../nbs/31_hf.ipynb #8ca8886a
 def to_hf(model, path, **config) -> Path:
     """Write `model` to the folder `path` as config.json + model.safetensors that transformers loads.
     Extra keyword arguments go into config.json (e.g. bos_token_id=1, eos_token_id=2)."""

@@ -13,9 +13,9 @@ from .errors import ArgumentError, check
 from .kernels import rope
 
 # %% auto #0
-__all__ = ['ROPE_SCALINGS', 'Positional', 'NoPE', 'rope_inv_freq', 'RopeScaling', 'LinearScaling', 'DynamicNTKScaling',
-           'Llama3Scaling', 'YaRNScaling', 'rope_scaling', 'RoPE', 'alibi_slopes', 'ALiBi', 't5_buckets', 'T5Bias',
-           'LearnedAbsolute', 'sinusoidal_table', 'Sinusoidal']
+__all__ = ['ROPE_SCALINGS', 'HF_ROPE_NAMES', 'Positional', 'NoPE', 'rope_inv_freq', 'RopeScaling', 'LinearScaling',
+           'DynamicNTKScaling', 'Llama3Scaling', 'YaRNScaling', 'scaling_keys', 'rope_scaling', 'RoPE', 'alibi_slopes',
+           'ALiBi', 't5_buckets', 'T5Bias', 'LearnedAbsolute', 'sinusoidal_table', 'Sinusoidal']
 
 # %% ../nbs/02_positional.ipynb #5a84d776
 class Positional(nn.Module):
@@ -98,14 +98,15 @@ class Llama3Scaling(RopeScaling):
         super().__init__(factor, original_max_seq_len)
         check(0 < low_freq_factor < high_freq_factor, "scaling.low_freq_factor", low_freq_factor,
               f"a number in (0, high_freq_factor={high_freq_factor!r})")
-        self.low, self.high = float(low_freq_factor), float(high_freq_factor)
+        self.low_freq_factor, self.high_freq_factor = float(low_freq_factor), float(high_freq_factor)
 
     def __call__(self, theta, rot_dim, seq_len=None, device=None):
         inv, L, s = rope_inv_freq(theta, rot_dim, device), self.original_max_seq_len, self.factor
+        low, high = self.low_freq_factor, self.high_freq_factor
         wavelen = 2 * math.pi / inv
-        gamma = (L / wavelen - self.low) / (self.high - self.low)   # 0 at L / low, 1 at L / high
+        gamma = (L / wavelen - low) / (high - low)   # 0 at L / low, 1 at L / high
         blend = (1 - gamma) * inv / s + gamma * inv
-        return torch.where(wavelen < L / self.high, inv, torch.where(wavelen > L / self.low, inv / s, blend))
+        return torch.where(wavelen < L / high, inv, torch.where(wavelen > L / low, inv / s, blend))
 
 # %% ../nbs/02_positional.ipynb #d73daaef
 class YaRNScaling(RopeScaling):
@@ -139,10 +140,13 @@ class YaRNScaling(RopeScaling):
 
 # %% ../nbs/02_positional.ipynb #534ab50e
 ROPE_SCALINGS = {cls.type: cls for cls in RopeScaling.__subclasses__()}
+HF_ROPE_NAMES = {"rope_type": "type", "original_max_position_embeddings": "original_max_seq_len"}   # HF -> smollm
+
+def scaling_keys(kind: str) -> list[str]:
+    "The keys besides `type` that a `scaling:` dict of type `kind` may hold: ROPE_SCALINGS[kind]'s constructor arguments."
+    return [n for n in inspect.signature(ROPE_SCALINGS[kind].__init__).parameters if n != "self"]
 
 # %% ../nbs/02_positional.ipynb #57ba5e06
-_HF_ALIASES = {"rope_type": "type", "original_max_position_embeddings": "original_max_seq_len"}
-
 def rope_scaling(scaling: Mapping | None, max_seq_len: int, theta: float = 10000.0, fraction: float = 1.0) -> RopeScaling:
     """The `RopeScaling` for a `scaling:` dict {type, factor, original_max_seq_len, ...} (HF key names accepted);
     None or type 'default' is plain RoPE. `original_max_seq_len` null means `max_seq_len`."""
@@ -151,7 +155,7 @@ def rope_scaling(scaling: Mapping | None, max_seq_len: int, theta: float = 10000
     check(isinstance(scaling, Mapping), "scaling", scaling, "a dict like {type: yarn, factor: 4}, or null")
     cfg = {}
     for key, v in scaling.items():
-        key = _HF_ALIASES.get(key, key)
+        key = HF_ROPE_NAMES.get(key, key)
         check(key not in cfg or cfg[key] == v, f"scaling.{key}", v,
               f"one value: it is also given as {cfg.get(key)!r} (once by its HF name)")
         cfg[key] = v
@@ -166,7 +170,7 @@ def rope_scaling(scaling: Mapping | None, max_seq_len: int, theta: float = 10000
         return RopeScaling()
     check(kind in ROPE_SCALINGS, "scaling.type", kind, f"one of {sorted(ROPE_SCALINGS)}, or default/null")
     cls = ROPE_SCALINGS[kind]
-    allowed = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    allowed = scaling_keys(kind)
     unknown = sorted(set(cfg) - set(allowed))
     check(not unknown, "scaling", scaling, f"keys of type={kind!r} only ({allowed}); {unknown} are not")
     if cfg.get("original_max_seq_len") is None:

@@ -125,8 +125,7 @@ def test_sharded_and_bin(tmp_path):
 
 # --- to_hf: smollm models out to transformers
 
-BASE = ["model.n_layers=2", f"data.vocab_size={V}", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.mlp_hidden=96", "model.block_size=64", "model.init_std=0.1"]
+BASE = ["model=tiny", f"data.vocab_size={V}", "model.mlp_hidden=96", "model.init_std=0.1"]
 TO_HF_CASES = {
     "llama_gqa": ([], "llama"),
     "llama_mha_tied": (["model/attention=mha", "model.tie_embeddings=true"], "llama"),

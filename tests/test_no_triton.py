@@ -12,8 +12,7 @@ CODE = textwrap.dedent("""
     assert resolve_impl("auto", torch.zeros(1)) == "torch"
     from smollm.config import compose
     from smollm.config import build_model
-    m = build_model(compose(["data.vocab_size=64", "model.n_layers=1", "model.dim=32", "model.n_heads=4",
-                             "model.n_kv_heads=2", "model.mlp_hidden=64"]).model)
+    m = build_model(compose(["model=tiny", "data.vocab_size=64", "model.n_layers=1"]).model)
     ids = torch.randint(0, 64, (2, 9))
     m.loss(ids[:, :-1], ids[:, 1:]).backward()
     try:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from smollm.config import compose
+from smollm.config import compose, options
 from smollm.kernels import attention_ref
 from smollm.config import build_model
 from smollm.positional import (ALiBi, LearnedAbsolute, NoPE, RoPE, Sinusoidal, T5Bias, alibi_slopes,
@@ -183,8 +183,7 @@ def test_dynamic_kicks_in_past_the_original_length():
 # ------------------------------------------------------------------------------------- config, errors, others
 
 def test_scaling_configs_compose_and_override():
-    cfg = compose(["model/positional=rope_yarn", "model.positional.scaling.factor=8", "model.dim=64",
-                   "model.n_heads=4", "model.n_kv_heads=2", "model.block_size=64", "model.n_layers=2"])
+    cfg = compose(["model=tiny", "model/positional=rope_yarn", "model.positional.scaling.factor=8"])
     r = build_model(cfg.model).positional
     assert isinstance(r, RoPE) and r.scaling.factor == 8 and r.scaling.original_max_seq_len == 64
     assert r.attention_factor == pytest.approx(0.1 * math.log(8) + 1)
@@ -301,19 +300,17 @@ def test_relative_encodings_are_shift_invariant(name):
 
 # ---------------------------------------------------------------------------------- every option trains
 
-TINY = ["model.n_layers=4", "data.vocab_size=256", "model.dim=32", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.mlp_hidden=64", "model.block_size=32"]
-OPTIONS = {"nope": NoPE, "rope": RoPE, "rope_linear": RoPE, "rope_dynamic": RoPE, "rope_llama3": RoPE,
-           "rope_yarn": RoPE, "alibi": ALiBi, "t5": T5Bias, "learned": LearnedAbsolute, "sinusoidal": Sinusoidal}
+TINY = ["model=tiny", "model.n_layers=4", "data.vocab_size=256", "model.dim=32", "model.block_size=32"]
+# the class each option builds, by the option's first word: rope_linear, rope_yarn, ... are RoPE with a scaling
+CLASSES = {"nope": NoPE, "rope": RoPE, "alibi": ALiBi, "t5": T5Bias, "learned": LearnedAbsolute, "sinusoidal": Sinusoidal}
 
 
-@pytest.mark.parametrize("option,extra", [(o, []) for o in OPTIONS] + [("rope", ["model.layer_pattern=GGGN"]),
-                                                                      ("alibi", ["model.layer_pattern=GN"])])
+@pytest.mark.parametrize("option,extra", [(o, []) for o in options("model/positional")]
+                         + [("rope", ["model.layer_pattern=GGGN"]), ("alibi", ["model.layer_pattern=GN"])])
 def test_every_option_composes_builds_and_trains(option, extra):
-    from smollm.config import options
-    assert option in options("model/positional")
     m = build_model(compose([f"model/positional={option}", *TINY, *extra]).model)
-    assert type(m.positional) is OPTIONS[option]
+    assert type(m.positional) is CLASSES[option.split("_")[0]]
+    assert m.positional.max_positions == (32 if option == "learned" else None)
     if extra:
         assert m.nope_layers == ({3} if "GGGN" in extra[0] else {1, 3})
     ids = torch.randint(0, 256, (2, 25))
