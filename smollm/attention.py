@@ -8,7 +8,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from .errors import ArgumentError, check
 from .kernels import attention, attention_ref
 from .norms import RMSNorm
@@ -378,7 +377,8 @@ class Attention(SelfAttention):
     def forward(self, x: torch.Tensor, positional, pos: torch.Tensor, cache: GrowingCache | StaticCache | None = None,
                 key_mask: torch.Tensor | None = None):
         "x (B, T, dim) at positions pos (T,) -> (B, T, dim). key_mask (B, S): False for keys to ignore (padding)."
-        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", d=self.head_dim)
+        B, T, _ = x.shape
+        heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)            # (B, T, h*hd) -> (B, h, T, hd)
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -389,7 +389,7 @@ class Attention(SelfAttention):
             key_pos = cache.key_pos
         y = attend(q, k, v, positional, pos, self.window, self.softcap, self.sinks, key_mask, self.backend,
                    self.impl, key_pos)
-        y = rearrange(y, "b h t d -> b t (h d)")
+        y = y.transpose(1, 2).reshape(B, T, -1)                                      # (B, T, Hq*hd)
         if self.gate_proj is not None:
             y = y * torch.sigmoid(self.gate_proj(x))
         return self.o_proj(y)
@@ -428,9 +428,9 @@ class MLA(SelfAttention):
     def forward(self, x: torch.Tensor, positional, pos: torch.Tensor, cache: GrowingCache | StaticCache | None = None,
                 key_mask: torch.Tensor | None = None):
         "x (B, T, dim) at positions pos (T,) -> (B, T, dim). key_mask (B, S): False for keys to ignore (padding)."
-        H, hd, rd, r = self.n_heads, self.head_dim, self.rope_dim, self.kv_lora_rank
+        (B, T, _), H, hd, rd, r = x.shape, self.n_heads, self.head_dim, self.rope_dim, self.kv_lora_rank
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
-        q, q_rope = rearrange(q, "b t (h d) -> b h t d", h=H).split([hd, rd], -1)   # (B, H, T, hd), (B, H, T, rd)
+        q, q_rope = q.view(B, T, H, hd + rd).transpose(1, 2).split([hd, rd], -1)     # (B, H, T, hd), (B, H, T, rd)
         c, k_rope = self.kv_a_proj_with_mqa(x).split([r, rd], -1)                    # (B, T, r), (B, T, rd)
         q_rope, k_rope = positional.rotate(q_rope, k_rope[:, None], pos)            # the rotary key: one head
         latent = torch.cat([self.kv_a_layernorm(c), k_rope[:, 0]], -1)              # (B, T, r + rd): what is cached
@@ -438,10 +438,11 @@ class MLA(SelfAttention):
         if cache is not None:
             latent, = cache.update(latent)                                           # (B, S, r + rd)
             key_pos = cache.key_pos
+        S = latent.shape[1]
         c, k_rope = latent.split([r, rd], -1)
-        k, v = rearrange(self.kv_b_proj(c), "b s (h d) -> b h s d", h=H).split([hd, hd], -1)  # (B, H, S, hd) each
+        k, v = self.kv_b_proj(c).view(B, S, H, 2 * hd).transpose(1, 2).split([hd, hd], -1)   # (B, H, S, hd) each
         q = torch.cat([q, q_rope], -1)                                               # (B, H, T, hd + rd)
-        k = torch.cat([k, k_rope[:, None].expand(-1, H, -1, -1)], -1)                # (B, H, S, hd + rd)
+        k = torch.cat([k, k_rope[:, None].expand(B, H, S, rd)], -1)                  # (B, H, S, hd + rd)
         y = attend(q, k, v, positional, pos, self.window, self.softcap, None, key_mask, self.backend, self.impl,
                    key_pos)
-        return self.o_proj(rearrange(y, "b h t d -> b t (h d)"))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))

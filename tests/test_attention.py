@@ -15,6 +15,7 @@ from smollm.attention import (BACKENDS, CAPABILITIES, MLA, Attention, GrowingCac
                               supporting)
 from smollm.config import build_model, compose, options
 from smollm.errors import ArgumentError
+from smollm.norms import RMSNorm
 from smollm.positional import NoPE, Positional, RoPE
 
 TINY = ("model=tiny", "data.vocab_size=256")
@@ -33,6 +34,9 @@ EXTRA = {
     "mla_q_lora_window": ("model/attention=mla", "model.attention.q_lora_rank=24", "model.attention.kv_lora_rank=16",
                           "model.attention.window=4"),
     "mla_softcap_eager": ("model/attention=mla", "model.attention.softcap=0.05", "model.attention.backend=eager"),
+    "qk_norm_dyt": ("model/attention=qk_norm", "+model/norm@model.attention.norm=dyt"),
+    "mla_latent_layernorm": ("model/attention=mla", "model.attention.q_lora_rank=24",
+                             "+model/norm@model.attention.norm=layernorm"),
 }
 ATTN.update(EXTRA)
 POS = options("model/positional")
@@ -177,6 +181,11 @@ def rms(t, w, eps):
     return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
+def norm(n, t):
+    "The norm module n on t: RMSNorm written out here; any other norm runs its own (tested) forward."
+    return rms(t, n.weight, n.eps) if type(n) is RMSNorm and not n.unit_offset else n(t)
+
+
 def hidden(n, window):
     "(n, n) bool: the keys a query may not see (future, or outside the window)."
     i = torch.arange(n)
@@ -190,7 +199,7 @@ def attention_reference(a: Attention, x):
     H, G, hd = a.n_heads, a.n_heads // a.n_kv_heads, a.head_dim
     q, k, v = (p(x).view(B, n, -1, hd).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
     if a.q_norm is not None:
-        q, k = rms(q, a.q_norm.weight, a.q_norm.eps), rms(k, a.k_norm.weight, a.k_norm.eps)
+        q, k = norm(a.q_norm, q), norm(a.k_norm, k)
     pos = torch.arange(n)
     q, k = rope(q, pos), rope(k, pos)
     k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
@@ -257,12 +266,12 @@ def mla_reference(a: MLA, x):
     B, n, _ = x.shape
     H, hd, rd, r = a.n_heads, a.head_dim, a.rope_dim, a.kv_lora_rank
     if a.q_lora_rank:
-        q = a.q_b_proj(rms(a.q_a_proj(x), a.q_a_layernorm.weight, a.q_a_layernorm.eps))
+        q = a.q_b_proj(norm(a.q_a_layernorm, a.q_a_proj(x)))
     else:
         q = a.q_proj(x)
     q = q.view(B, n, H, hd + rd).transpose(1, 2)
     ckv = a.kv_a_proj_with_mqa(x)
-    c = rms(ckv[..., :r], a.kv_a_layernorm.weight, a.kv_a_layernorm.eps)        # (B, n, r)
+    c = norm(a.kv_a_layernorm, ckv[..., :r])                                   # (B, n, r)
     pos = torch.arange(n)
     q_rope, k_rope = rope(q[..., hd:], pos), rope(ckv[..., r:], pos)             # (B, H, n, rd), (B, n, rd)
     W = a.kv_b_proj.weight.view(H, 2 * hd, r)
@@ -303,6 +312,24 @@ def test_mla_cache_holds_the_latent():
         gqa(ids(2, 7), cache)
     assert [t.shape for t in cache[0].tensors] == [(2, 2, 7, 16)] * 2   # keys and values (B, Hkv, S, hd)
     assert all(isinstance(c, StaticCache) for c in m.new_cache(capacity=9))
+
+
+@pytest.mark.parametrize("name", options("model/norm"))
+def test_qk_norm_and_latent_norms_take_any_norm(name):
+    "`+model/norm@model.attention.norm=<name>` puts that norm preset in QK-norm and in MLA's latent norms."
+    x, r, pos = torch.randn(2, 10, 64), RoPE(64, 4, 16, 64), torch.arange(10)
+    for attn in (("model/attention=qk_norm",), ("model/attention=mla", "model.attention.q_lora_rank=24")):
+        cfg = compose(TINY + attn + (f"+model/norm@model.attention.norm={name}",))
+        torch.manual_seed(0)
+        a = build_model(cfg.model).layers[0].attn
+        norms = [a.q_norm, a.k_norm] if isinstance(a, Attention) else [a.q_a_layernorm, a.kv_a_layernorm]
+        assert {f"{type(n).__module__}.{type(n).__name__}" for n in norms} == {cfg.model.attention.norm._target_}
+        with torch.no_grad():
+            for n in norms:                                    # weights away from their init, so skipping shows
+                for p in n.parameters():
+                    p.normal_()
+            want = attention_reference(a, x) if isinstance(a, Attention) else mla_reference(a, x)
+            torch.testing.assert_close(a(x, r, pos), want, atol=1e-5, rtol=1e-4)
 
 
 # ---- key_mask (left padding) ---------------------------------------------------------------------------------
