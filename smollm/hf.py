@@ -181,6 +181,7 @@ def _safetensors_header(f: Path) -> tuple[dict, int]:
     header.pop("__metadata__", None)
     return header, 8 + n
 
+# %% ../nbs/31_hf.ipynb #c31a63b3
 class _Weights:
     "The tensors of a checkpoint folder: `shapes` {name: shape}, and `get(name)` to read one tensor."
     def __init__(self, path: Path):
@@ -263,6 +264,31 @@ def _check(weights: _Weights, expected: dict[str, torch.Size], tied: bool) -> di
                               f"describes; " + "; ".join(problems))
     return plan
 
+# %% ../nbs/31_hf.ipynb #37386c1b
+def _expected(model: nn.Module, tied: bool) -> dict[str, torch.Size]:
+    "{name: shape} of every tensor a checkpoint must fill: parameters and saved buffers (a tied lm head counts once)."
+    expected = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
+    expected |= {n: b.shape for n, b in model.named_buffers() if n.rpartition(".")[2] not in
+                 model.get_submodule(n.rpartition(".")[0])._non_persistent_buffers_set}
+    if tied:
+        expected.pop("lm_head.weight")
+    return expected
+
+def _assign(model: nn.Module, weights: _Weights, plan: dict[str, str], dtype: torch.dtype | None) -> None:
+    """Make each checkpoint tensor the model's parameter (or buffer) of its name, cast to `dtype` if floating point;
+    `dtype` None: the first tensor's dtype, for all of them. One tensor in memory at a time besides the model."""
+    for name, hf_name in plan.items():
+        t = weights.get(hf_name)
+        dtype = dtype or t.dtype
+        parent, _, leaf = name.rpartition(".")
+        module = model.get_submodule(parent)
+        old = getattr(module, leaf)
+        t = t.to(dtype) if t.is_floating_point() else t
+        if isinstance(old, nn.Parameter):
+            setattr(module, leaf, nn.Parameter(t, requires_grad=old.requires_grad))
+        else:
+            module._buffers[leaf] = t
+
 def _rebuild_positional(model: nn.Module, mcfg) -> None:
     "A positional module with buffers (computed, not stored) is rebuilt off the meta device."
     from hydra.utils import instantiate
@@ -271,12 +297,12 @@ def _rebuild_positional(model: nn.Module, mcfg) -> None:
         model.positional = instantiate(mcfg.positional)(dim=p.dim, n_heads=p.n_heads, head_dim=p.head_dim,
                                                         max_seq_len=p.max_seq_len)
 
+# %% ../nbs/31_hf.ipynb #010086ae
 def from_hf(path, dtype: torch.dtype | None = None):
     """Load the Hugging Face checkpoint folder `path` (Llama, Mistral or Qwen2) as a smollm `Transformer`, in eval mode.
     dtype: the parameters' dtype (a torch.dtype or its name, "bfloat16"); None keeps config.json's
     `dtype`/`torch_dtype` (else the stored tensors')."""
-    from smollm.config import compose
-    from smollm.config import build_model
+    from smollm.config import build_model, compose
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype) or not getattr(torch, dtype).is_floating_point:
             raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype; use e.g. 'float32', 'bfloat16', "
@@ -289,24 +315,8 @@ def from_hf(path, dtype: torch.dtype | None = None):
     with torch.device("meta"):
         model = build_model(mcfg)
     tied = bool(mcfg.tie_embeddings)
-    expected = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
-    expected |= {n: b.shape for n, b in model.named_buffers() if n.rpartition(".")[2] not in
-                 model.get_submodule(n.rpartition(".")[0])._non_persistent_buffers_set}
-    if tied:
-        expected.pop("lm_head.weight")
-    plan = _check(weights, expected, tied)
-    dtype = dtype or _hf_dtype(cfg)
-    for name, hf_name in plan.items():
-        t = weights.get(hf_name)
-        dtype = dtype or t.dtype              # no dtype anywhere: the first tensor's, for all of them
-        parent, _, leaf = name.rpartition(".")
-        module = model.get_submodule(parent)
-        old = getattr(module, leaf)
-        t = t.to(dtype) if t.is_floating_point() else t
-        if isinstance(old, nn.Parameter):
-            setattr(module, leaf, nn.Parameter(t, requires_grad=old.requires_grad))
-        else:
-            module._buffers[leaf] = t
+    plan = _check(weights, _expected(model, tied), tied)
+    _assign(model, weights, plan, dtype or _hf_dtype(cfg))
     if tied:
         model.lm_head.weight = model.embed.weight
     _rebuild_positional(model, mcfg)
