@@ -191,6 +191,7 @@ class TextStreamer:
 
 # %% ../nbs/30_generate.ipynb #fce5b5d5
 def _parser(description: str) -> argparse.ArgumentParser:
+    "The options that smollm-generate and smollm-chat share: the checkpoint, sampling, dtype, device, cache, compile."
     p = argparse.ArgumentParser(description=description)
     p.add_argument("checkpoint", help="a Hugging Face checkpoint folder (config.json, weights, tokenizer.json) "
                    "or a smollm-train run folder")
@@ -207,6 +208,7 @@ def _parser(description: str) -> argparse.ArgumentParser:
                    help="a torch.compile'd decoding step with a static cache (compiling takes seconds at first)")
     return p
 
+# %% ../nbs/30_generate.ipynb #4757f0e2
 def _setup(args, prog: str):
     "Model, tokenizer, end-of-sequence ids and the generate keyword arguments of parsed CLI args."
     import json
@@ -230,6 +232,7 @@ def _setup(args, prog: str):
               compile=args.compile)
     return model, tok, sorted(eos), kw
 
+# %% ../nbs/30_generate.ipynb #e890469a
 def generate_cli(argv: Sequence[str] | None = None):
     "Console script `smollm-generate`: continue --prompt (or stdin) with a checkpoint's model, streaming the text."
     p = _parser("Continue a prompt with a language model, streaming the text.")
@@ -246,6 +249,7 @@ def generate_cli(argv: Sequence[str] | None = None):
     generate(model, ids, callback=streamer, **kw)
     streamer.end()   # returns None: a console script's return value becomes its exit status
 
+# %% ../nbs/30_generate.ipynb #e3889ab2
 def chat_cli(argv: Sequence[str] | None = None):
     "Console script `smollm-chat`: a conversation on stdin/stdout through the tokenizer's chat template."
     p = _parser("Chat with a language model through its tokenizer's chat template; an empty line or EOF ends.")
