@@ -53,8 +53,9 @@ def layer_kinds(pattern: str | None, n_layers: int, window: int | None = None) -
     check(n_layers % len(pattern) == 0, "model.layer_pattern", pattern,
           f"a pattern whose length divides model.n_layers={n_layers} (it has length {len(pattern)})")
     kinds = [LAYER_KINDS[c] for c in pattern] * (n_layers // len(pattern))
-    check(window is not None or not any(k.windowed for k in kinds), "model.layer_pattern", pattern,
-          "S (sliding-window) layers need model.attention.window set")
+    windowed = ", ".join(f"{c} ({LAYER_KINDS[c].means})" for c in sorted(set(pattern)) if LAYER_KINDS[c].windowed)
+    check(window is not None or not windowed, "model.layer_pattern", pattern,
+          f"{windowed} layers need model.attention.window set")
     return kinds
 
 # %% ../nbs/06_config.ipynb #05d58806

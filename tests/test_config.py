@@ -145,7 +145,7 @@ def test_unknown_layer_letter_on_the_dict_path():
     assert len(build_model({**cfg, "layer_pattern": "GN"}).nope_layers) == 1
     with pytest.raises(ConfigError, match=r"model.layer_pattern='GX' is not valid: a string of the letters G .*S .*N"):
         build_model({**cfg, "layer_pattern": "GX"})
-    with pytest.raises(ConfigError, match="S \\(sliding-window\\) layers need model.attention.window"):
+    with pytest.raises(ConfigError, match=r"S \(sliding-window attention\) layers need model.attention.window set"):
         build_model({**cfg, "layer_pattern": "S"})
 
 
