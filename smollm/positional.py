@@ -183,7 +183,7 @@ def rope_scaling(scaling: Mapping | None, max_seq_len: int, theta: float = 10000
 # %% ../nbs/02_positional.ipynb #0f52c84d
 class RoPE(Positional):
     """Rotary position embedding with base `theta`, applied to the first `fraction` of each head's channels.
-    `scaling`: None, or a dict {type: linear | dynamic | llama3 | yarn, factor, original_max_seq_len, ...}."""
+    `scaling`: None, or a dict {type: a key of ROPE_SCALINGS, factor, original_max_seq_len, ...} (see `rope_scaling`)."""
     impl = "auto"
 
     def __init__(self, dim: int, n_heads: int, head_dim: int, max_seq_len: int,
