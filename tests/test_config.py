@@ -22,8 +22,13 @@ def one_step(model, T=12):
     return loss
 
 
-def test_groups_are_the_model_families():
-    assert GROUPS == ["model/attention", "model/mlp", "model/norm", "model/positional"]
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_is_a_member_of_its_family(group, option):
+    # a group of conf/model/ is a component family: each option's class declares that family
+    from hydra.utils import get_class
+    family = group.split("/", 1)[1]
+    target = compose([*TINY, f"{group}={option}"]).model[family]._target_
+    assert get_class(target).family == family
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
