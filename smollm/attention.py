@@ -14,8 +14,8 @@ from .norms import RMSNorm
 
 # %% auto #0
 __all__ = ['CAPABILITIES', 'BACKENDS', 'GrowingCache', 'StaticCache', 'visible', 'visible_keys', 'padding_bias', 'Backend',
-           'supporting', 'refuse', 'bias_and_visible', 'SDPA', 'Eager', 'Fused', 'attend', 'capability_table',
-           'kernel_table', 'bias_need', 'SelfAttention', 'Attention', 'MLA']
+           'supporting', 'refuse', 'bias_need', 'bias_and_visible', 'SDPA', 'Eager', 'Fused', 'attend',
+           'capability_table', 'kernel_table', 'SelfAttention', 'Attention', 'MLA']
 
 # %% ../nbs/03_attention.ipynb #a174104b
 class GrowingCache:
@@ -134,7 +134,8 @@ BACKENDS: dict[str, type[Backend]] = {}   # name -> class, filled by defining a 
 
 class Backend:
     """One algorithm for causal attention. A subclass declares `supports` (keys of CAPABILITIES) and implements
-    `run`; defining it adds it to BACKENDS under its lower-cased class name (`name`)."""
+    `run`; defining it adds it to BACKENDS under its lower-cased class name (`name`). `run` may assume that `attend`
+    has refused whatever `supports` lacks."""
     supports: frozenset[str] = frozenset()
     kernel = ""   # what runs, in words; `runs` may say more
 
@@ -166,6 +167,18 @@ def refuse(backend: str, option: str, arg: str = "backend", value=None, of: str 
     raise ArgumentError(arg, backend if value is None else value,
                         f"backend={backend!r} cannot apply {CAPABILITIES[option]}{of}; backends that can: "
                         f"{', '.join(supporting(option)) or 'none'}")
+
+def bias_need(positional, device=None) -> str | None:
+    """What a backend needs to apply `positional`'s score bias: None (it adds none), 'alibi_slopes' (it has ALiBi
+    slopes) or 'bias' (an arbitrary bias). Asks positional.bias at one position, on `device` (default: the
+    positional's own)."""
+    if positional.alibi_slopes is not None:
+        return "alibi_slopes"
+    if device is None:
+        t = next(iter([*positional.parameters(), *positional.buffers()]), None)
+        device = None if t is None else t.device
+    p = torch.zeros(1, dtype=torch.long, device=device)
+    return None if positional.bias(p, p) is None else "bias"
 
 # %% ../nbs/03_attention.ipynb #f0b4a004
 def bias_and_visible(q, k, positional, pos, key_pos=None, key_mask=None, window=None):
@@ -251,8 +264,6 @@ class Fused(Backend):
     @staticmethod
     def run(q, k, v, positional, pos, window, softcap, sinks, key_mask, key_pos, impl):
         slopes = positional.alibi_slopes
-        if slopes is None and positional.bias(pos, pos) is not None:
-            refuse("fused", "bias", of=f" (positional {type(positional).__name__})")
         D, Dv = q.shape[-1], v.shape[-1]
         if Dv < D:                 # MLA: values narrower than queries; zeros pass through the kernel
             v = F.pad(v, (0, D - Dv))
@@ -277,6 +288,10 @@ def attend(q, k, v, positional, pos, window=None, softcap=None, sinks=None, key_
                           ("key_pos", key_pos)):
         if value is not None and option not in b.supports:
             refuse(backend, option)
+    if not {"bias", "alibi_slopes"} <= b.supports:          # only then is the positional's bias worth asking about
+        need = bias_need(positional, pos.device)
+        if need is not None and need not in b.supports:
+            refuse(backend, need, of=f" (positional {type(positional).__name__})")
     return b.run(q, k, v, positional, pos, window, softcap, sinks, key_mask, key_pos, impl)
 
 # %% ../nbs/03_attention.ipynb #f0b4a017
@@ -297,15 +312,6 @@ def kernel_table() -> str:
     return "\n".join(rows)
 
 # %% ../nbs/03_attention.ipynb #f0b4a022
-def bias_need(positional) -> str | None:
-    """What a backend needs to apply `positional`'s score bias: None (it adds none), 'alibi_slopes' (it has ALiBi
-    slopes) or 'bias' (an arbitrary bias). Asks positional.bias at one position, on the positional's device."""
-    if positional.alibi_slopes is not None:
-        return "alibi_slopes"
-    t = next(iter([*positional.parameters(), *positional.buffers()]), None)
-    p = torch.zeros(1, dtype=torch.long, device=None if t is None else t.device)
-    return None if positional.bias(p, p) is None else "bias"
-
 class SelfAttention(nn.Module):
     """Base of the self-attention layers: n_heads query heads of width head_dim (default dim // n_heads), n_kv_heads
     key/value heads, an optional sliding `window` and `softcap`, computed by the algorithm BACKENDS[backend]. Layers
