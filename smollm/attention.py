@@ -329,22 +329,21 @@ class SelfAttention(nn.Module):
         check(isinstance(n_heads, int) and n_heads >= 1, "n_heads", n_heads, "a positive integer")
         check(head_dim is not None or dim % n_heads == 0, "n_heads", n_heads, f"a divisor of dim={dim} (or set head_dim)")
         check(n_kv_heads >= 1 and n_heads % n_kv_heads == 0, "n_kv_heads", n_kv_heads, f"a divisor of n_heads={n_heads}")
-        check(window is None or (int(window) == window and window >= 1), "window", window,
+        check(window is None or (isinstance(window, int) and window >= 1), "window", window,
               "a positive integer (the keys a query sees, itself included) or None")
         check(softcap is None or softcap > 0, "softcap", softcap, "a positive number or None")
         check(backend in BACKENDS, "backend", backend, f"one of {list(BACKENDS)}")
-        for option, value in (("window", window), ("softcap", softcap), ("sinks", sinks or None)):
-            if value is not None and option not in BACKENDS[backend].supports:
-                refuse(backend, option, arg=option, value=value)
+        options = {"window": window, "softcap": softcap, "sinks": sinks or None}   # the capabilities asked for
+        self.uses = frozenset(o for o, v in options.items() if v is not None)
+        if lacking := [o for o in options if o in self.uses and o not in BACKENDS[backend].supports]:
+            refuse(backend, lacking[0], arg=lacking[0], value=options[lacking[0]])
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim or dim // n_heads
         self.window, self.softcap, self.backend = window, softcap, backend
 
     def needs(self, positional=None) -> set[str]:
         "The capabilities (keys of CAPABILITIES) this layer uses; with `positional`, what its score bias needs too."
-        used = {o for o, v in (("window", self.window), ("softcap", self.softcap),
-                               ("sinks", getattr(self, "sinks", None))) if v is not None}
         need = None if positional is None else bias_need(positional)
-        return used | ({need} if need else set())
+        return set(self.uses) | ({need} if need else set())
 
     def new_cache(self, capacity: int | None = None) -> GrowingCache | StaticCache:
         "An empty cache: a GrowingCache, or with `capacity` a StaticCache of that many slots (compiled decoding)."
