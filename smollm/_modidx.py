@@ -55,6 +55,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'smollm.config.LayerKind': ('config.html#layerkind', 'smollm/config.py'),
                                'smollm.config._explain_missing': ('config.html#_explain_missing', 'smollm/config.py'),
                                'smollm.config._fail': ('config.html#_fail', 'smollm/config.py'),
+                               'smollm.config._keys_in': ('config.html#_keys_in', 'smollm/config.py'),
                                'smollm.config._named': ('config.html#_named', 'smollm/config.py'),
                                'smollm.config._resolve': ('config.html#_resolve', 'smollm/config.py'),
                                'smollm.config._source': ('config.html#_source', 'smollm/config.py'),

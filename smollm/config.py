@@ -67,15 +67,22 @@ def _source(raw: dict, key: str) -> str:
     m = re.fullmatch(r"\$\{([\w.]+)\}", node) if isinstance(node, str) else None
     return m.group(1) if m else key
 
+def _keys_in(text: str, passed: dict[str, str]) -> str:
+    "`text` with each argument of `passed` that it mentions (`dim=256`, `head_dim`) written as its config key."
+    for arg, key in passed.items():
+        text = re.sub(rf"(?<![\w.]){re.escape(arg)}(?!\w)", key, text)
+    return text
+
 @contextmanager
 def _named(raw: dict, group: str = "model", **passed: str):
     """Inside, an ArgumentError becomes a ConfigError naming its config key: `passed` maps the arguments build_model
-    passes itself to their keys; any other argument `arg` is `{group}.{arg}`. `raw`: the unresolved model section."""
+    passes itself to their keys; any other argument `arg` is `{group}.{arg}`. `raw`: the unresolved model section.
+    Arguments of `passed` that the message's accepted part mentions are named by their keys too."""
     try:
         yield
     except ArgumentError as e:
         key = _source(raw, passed.get(e.arg) or (e.arg if e.arg.startswith("model.") else f"{group}.{e.arg}"))
-        raise ConfigError(f"{key}={e.value!r} is not valid: {e.accepted}") from None
+        raise ConfigError(f"{key}={e.value!r} is not valid: {_keys_in(e.accepted, passed)}") from None
 
 # %% ../nbs/06_config.ipynb #9d6b930a
 def _resolve(cfg) -> dict:

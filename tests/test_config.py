@@ -125,7 +125,7 @@ def test_config_errors_name_the_key(overrides, key):
     (["model/attention=softcap", "model.attention.softcap=-1.0"], "model.attention.softcap=-1.0 is not valid"),
     (["+model.attention.window=0", "model.layer_pattern=S"], "model.attention.window=0 is not valid"),
     # an interpolated value names the key it points at
-    (["model.n_kv_heads=3"], "model.n_kv_heads=3 is not valid: a divisor of n_heads=8"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads=3 is not valid: a divisor of model.n_heads=8"),
     (["model=tiny", "data.vocab_size=0"], "data.vocab_size=0 is not valid"),
     # the model asks each layer's backend about the positional that layer uses
     (["model/positional=t5", "model.attention.backend=fused"], "model.attention.backend='fused' is not valid"),
