@@ -9,6 +9,7 @@ import inspect
 from collections.abc import Mapping
 import torch
 import torch.nn as nn
+from einops import rearrange
 from .errors import ArgumentError, check
 from .kernels import rope
 
@@ -301,7 +302,7 @@ class T5Bias(Positional):
 
     def bias(self, q_pos, k_pos):
         buckets = t5_buckets(q_pos[:, None] - k_pos[None, :], self.num_buckets, self.max_distance, self.bidirectional)
-        return self.relative_attention_bias(buckets).permute(2, 0, 1)   # (T, S, n_heads) -> (n_heads, T, S)
+        return rearrange(self.relative_attention_bias(buckets), "t s h -> h t s")
 
 # %% ../nbs/02_positional.ipynb #566cad31
 class LearnedAbsolute(Positional):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math
 import torch
+from einops import repeat
 from .core import resolve_impl, load_triton
 
 # %% auto #0
@@ -22,8 +23,7 @@ def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    k = k.repeat_interleave(Hq // Hkv, dim=1)
-    v = v.repeat_interleave(Hq // Hkv, dim=1)
+    k, v = (repeat(t, "b h s d -> b (h g) s d", g=Hq // Hkv) for t in (k, v))   # each KV head serves g query heads
     s = torch.einsum("bhtd,bhsd->bhts", q.float(), k.float()) * scale      # (B, Hq, T, S)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
