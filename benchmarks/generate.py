@@ -87,7 +87,7 @@ def main():
     times = {k: [] for k in impls}
     for _ in range(args.reps):
         for name, fn in impls.items():
-            # both models' weights together (2 x 28 MB at the default size) overflow a typical L3 cache: an untimed
+            # both models' weights together can overflow the L3 cache: an untimed
             # run first puts this model's weights back in cache, as in real use where one model generates
             fn()
             t0 = time.perf_counter()

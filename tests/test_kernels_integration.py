@@ -3,11 +3,9 @@ and gives the same losses as with the plain-PyTorch references."""
 import pytest
 import torch
 
-from smollm.config import compose
-from smollm.config import build_model
+from smollm.config import build_model, compose
 
-TINY = ["data.vocab_size=96", "model.n_layers=2", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.mlp_hidden=96", "model.block_size=16", "model.attention.backend=fused"]
+TINY = ["model=tiny", "data.vocab_size=96", "model.mlp_hidden=96", "model.block_size=16", "model.attention.backend=fused"]
 
 
 def train_losses(kernels: str, steps: int = 3, extra=()):

@@ -363,9 +363,8 @@ INTERPRET_BLOCKS = (32, 32)
 def _cfgs(shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in shapes]
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); the last of each list is for decoding (T <= 16). All of them
-# compile for sm_90 (H100/H200; checked without a GPU, see the tests), and at head dim 64 in bf16 none
-# spills registers except dK/dV's (32, 64) by 16 bytes. Which is fastest is left to the autotuner.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the last of each list is for decoding (T <= 16). The tests compile
+# every one for sm_90 (H100/H200) without a GPU. Which is fastest is left to the autotuner.
 _FWD_CONFIGS = _cfgs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (16, 64, 4, 3)])
 _DKDV_CONFIGS = _cfgs([(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3)])
 _DQ_CONFIGS = _cfgs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (16, 64, 4, 3)])
