@@ -95,7 +95,7 @@ def progress_bar(iterable=None, total=None, initial: int = 0, desc: str = "", en
     from tqdm import tqdm
     file = sys.stderr if file is None else file
     tty = bool(getattr(file, "isatty", lambda: False)())
-    if not tty: kw = {"mininterval": LOG_INTERVAL, **kw}
+    if not tty: kw = {"mininterval": LOG_INTERVAL, "maxinterval": LOG_INTERVAL, **kw}   # tqdm's monitor thread redraws after maxinterval
     return tqdm(iterable, total=total, initial=initial, desc=desc, disable=not enabled, file=file, dynamic_ncols=tty, **kw)
 
 # %% ../nbs/09_runs.ipynb #bc5d9c1b
