@@ -136,6 +136,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'smollm.data.hash_fraction': ('data.html#hash_fraction', 'smollm/data.py'),
                              'smollm.data.load_text_files': ('data.html#load_text_files', 'smollm/data.py'),
                              'smollm.data.load_tokenizer': ('data.html#load_tokenizer', 'smollm/data.py'),
+                             'smollm.data.rank_rows': ('data.html#rank_rows', 'smollm/data.py'),
                              'smollm.data.read_utf8': ('data.html#read_utf8', 'smollm/data.py'),
                              'smollm.data.seeded_generator': ('data.html#seeded_generator', 'smollm/data.py'),
                              'smollm.data.special_ids': ('data.html#special_ids', 'smollm/data.py'),

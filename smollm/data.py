@@ -14,7 +14,7 @@ from .runs import progress_bar
 
 # %% auto #0
 __all__ = ['SPECIAL_TOKENS', 'KNOWN_SPECIALS', 'MIN_VOCAB', 'CACHE_FORMAT', 'TEXT_BUILDERS', 'DataError', 'seeded_generator',
-           'hash_fraction', 'split_documents', 'train_bpe', 'load_tokenizer', 'special_ids', 'DataSource',
+           'rank_rows', 'hash_fraction', 'split_documents', 'train_bpe', 'load_tokenizer', 'special_ids', 'DataSource',
            'default_cache_dir', 'read_utf8', 'check_utf8', 'TokenStreams', 'cache_key', 'cache_complete', 'TokenCorpus',
            'write_tokens', 'build_cache', 'PyStdlib', 'find_text_files', 'load_text_files', 'TextFiles', 'HFDataset',
            'MQAR', 'unigram_loss', 'build_data']
@@ -29,6 +29,11 @@ def _digest(*parts) -> bytes:
 def seeded_generator(*parts) -> torch.Generator:
     "A CPU `torch.Generator` seeded from the sha1 of `parts`: the same parts always give the same draws."
     return torch.Generator().manual_seed(int.from_bytes(_digest(*parts)[:8], "big") >> 1)
+
+# %% ../nbs/20_data.ipynb #e545f8f0
+def rank_rows(batch_size: int, rank: int = 0, world_size: int = 1) -> tuple[int, slice]:
+    "(rows of the global batch, the slice of them that is `rank`'s) when each of `world_size` ranks takes `batch_size`."
+    return batch_size * world_size, slice(rank * batch_size, (rank + 1) * batch_size)
 
 # %% ../nbs/20_data.ipynb #8942c596
 def hash_fraction(key: str) -> float:
@@ -106,12 +111,16 @@ class DataSource:
 
     def batch(self, split: str, step: int, batch_size: int, block_size: int, seed: int,
               rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        "(x, y): LongTensors (batch_size, block_size); y = -100 where no loss is taken. A pure function of its arguments."
+        """(x, y): LongTensors (batch_size, block_size); y = -100 where no loss is taken. A pure function of its
+        arguments: `rank`'s rows of the global batch of batch_size x world_size rows (`rank_rows`), which does not
+        depend on world_size."""
         raise NotImplementedError
 
-    def val_batches(self, n: int, batch_size: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        "The fixed validation set: n batches, the same in every run whatever its seed."
-        return [self.batch("val", i, batch_size, block_size, seed=0) for i in range(n)]
+    def val_batches(self, n: int, batch_size: int, block_size: int, rank: int = 0,
+                    world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        "The fixed validation set (`rank`'s slices of it): n batches, the same in every run whatever its seed."
+        return [self.batch("val", i, batch_size, block_size, 0, rank, world_size) for i in range(n)]
+
 
     def encode(self, text: str) -> list[int]:
         raise DataError(f"data={self.kind} has no text tokenizer: encode/decode are for the token corpora")
@@ -210,15 +219,16 @@ class TokenStreams(DataSource):
             hint = " or a larger val_fraction" if split == "val" else ""
             raise DataError(f"{self._where()}: the {split} split has {len(data)} tokens, fewer than one window of "
                             f"block_size + 1 = {block_size + 1}; use a smaller block_size, a larger corpus{hint}")
+        n, mine = rank_rows(batch_size, rank, world_size)   # the global batch's rows, and this rank's
         if split == "train":
-            starts = torch.randint(0, len(data) - block_size, (batch_size,), generator=seeded_generator("train", seed, step, rank))
+            starts = torch.randint(0, len(data) - block_size, (n,), generator=seeded_generator("train", seed, step, 0))[mine]
         else:
             n_win = len(data) // (block_size + 1)   # non-overlapping windows, visited in a fixed shuffled order
             if self._val_perm is None: self._val_perm = {}
             if block_size not in self._val_perm:
                 self._val_perm[block_size] = torch.randperm(n_win, generator=seeded_generator("val", block_size))
-            first = (step * world_size + rank) * batch_size
-            starts = self._val_perm[block_size][(first + torch.arange(batch_size)) % n_win] * (block_size + 1)
+            starts = self._val_perm[block_size][(step * n + torch.arange(n)[mine]) % n_win] * (block_size + 1)
+
         w = torch.from_numpy(np.stack([data[s:s + block_size + 1] for s in starts.tolist()]).astype(np.int64))
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()
 
@@ -597,14 +607,13 @@ class MQAR(DataSource):
 
     def batch(self, split, step, batch_size, block_size, seed, rank=0, world_size=1):
         self._check_batch(split, step, batch_size, block_size, rank, world_size)
-        B, T, D, V = batch_size, block_size, self.num_kv_pairs, self.vocab_size
+        (B, mine), T, D, V = rank_rows(batch_size, rank, world_size), block_size, self.num_kv_pairs, self.vocab_size
         if self.seq_len is not None and self.seq_len != T:
             raise DataError(f"data.seq_len={self.seq_len} but the block size is {T}: they must be equal (or seq_len: null)")
         if T < 3 * D:
             raise DataError(f"block_size={T}: {D} key-value pairs and their queries need at least {3 * D} positions; "
                             "use a larger block size or fewer num_kv_pairs")
-        g = (seeded_generator("mqar-train", seed, step, rank) if split == "train" else
-             seeded_generator("mqar-val", step * world_size + rank))
+        g = seeded_generator("mqar-train", seed, step, 0) if split == "train" else seeded_generator("mqar-val", step)
         half = V // 2
         keys = torch.rand(B, half - 1, generator=g).argsort(dim=1)[:, :D] + 1       # distinct keys in [1, V/2)
         values = torch.randint(half, V, (B, D), generator=g)                         # values in [V/2, V)
@@ -616,7 +625,8 @@ class MQAR(DataSource):
         y = torch.full((B, T), -100, dtype=torch.long)
         x.scatter_(1, pos, keys)
         y.scatter_(1, pos, values)
-        return x, y
+        return x[mine], y[mine]       # the whole global batch is drawn: each row's draws depend on the rows before it
+
 
     def unigram_loss(self) -> float:
         "Loss of the best context-free guess of a target: uniform over the V - V/2 values."

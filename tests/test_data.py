@@ -83,6 +83,32 @@ def test_validation_set_is_fixed_non_overlapping_and_shared_by_ranks(small):
     assert all(torch.equal(a[0], b[0]) for a, b in zip(ddp, vb))
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_ranks_take_disjoint_slices_of_one_global_batch(small, split, world_size):
+    "The ranks' batches, stacked in rank order, are the batch of one process with batch_size x world_size rows."
+    for source, T in ((small, 32), (MQAR(vocab_size=64, num_kv_pairs=4), 24)):
+        one = source.batch(split, 5, 2 * world_size, T, seed=3)
+        ranks = [source.batch(split, 5, 2, T, seed=3, rank=r, world_size=world_size) for r in range(world_size)]
+        for i in (0, 1):
+            assert torch.equal(torch.cat([b[i] for b in ranks]), one[i]), (source.kind, i)
+        val = [source.val_batches(2, 2, T, rank=r, world_size=world_size) for r in range(world_size)]
+        for step, (x, y) in enumerate(source.val_batches(2, 2 * world_size, T)):
+            assert torch.equal(torch.cat([v[step][0] for v in val]), x)
+            assert torch.equal(torch.cat([v[step][1] for v in val]), y)
+
+
+def test_one_process_draws_what_it_always_drew(small):
+    "World size 1 keeps the draws of the rank-seeded generators (rank 0), so that older runs resume exactly."
+    s = np.asarray(small.tokens("train"), dtype=np.int64)
+    starts = torch.randint(0, len(s) - 48, (6,), generator=sd.seeded_generator("train", 4, 9, 0)).tolist()
+    assert small.batch("train", 9, 6, 48, seed=4)[0].tolist() == [s[i:i + 48].tolist() for i in starts]
+    mq = MQAR(vocab_size=64, num_kv_pairs=4, power_a=0.1)
+    for split, digest in (("train", "76ed06aeb1340458"), ("val", "09b505fdde666962")):   # made before the change
+        x, y = mq.batch(split, 1, 8, 24, seed=0)
+        assert hashlib.sha1(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()[:16] == digest
+
+
 # --- the split and the stream --------------------------------------------------------------------------------
 
 def test_split_is_by_file_and_streams_hold_each_file_then_eos(small):
