@@ -4,7 +4,8 @@
 
 # %% ../nbs/09_runs.ipynb #acfd57c8
 from __future__ import annotations
-import csv, json, os, random, shutil
+import csv, json, os, random, shutil, warnings
+from contextlib import contextmanager
 from pathlib import Path
 from omegaconf import OmegaConf
 
@@ -116,47 +117,145 @@ def set_rng_state(state: dict):
     np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
 
 # %% ../nbs/09_runs.ipynb #fcb911a2
+def _rank_world() -> tuple[int, int]:
+    "(rank, world size) of this process: (0, 1) when torch.distributed is not initialised."
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+def _gather(obj) -> list:
+    "`obj` from every rank, in rank order, on every rank; [obj] in a single process."
+    rank, world = _rank_world()
+    if world == 1: return [obj]
+    import torch.distributed as dist
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+def _together(fn, what: str):
+    "Call `fn()` on every rank; if it raised on any rank, raise on every rank (the failing ranks name their errors)."
+    err = None
+    try: fn()
+    except Exception as e: err = e
+    failed = [(r, m) for r, m in enumerate(_gather(None if err is None else f"{type(err).__name__}: {err}")) if m]
+    if err is not None: raise err
+    if failed: raise RuntimeError(f"{what} failed on " + "; ".join(f"rank {r} ({m})" for r, m in failed))
+
+@contextmanager
+def _quiet_dcp():
+    "DCP in one process, without its warning that it assumes one process (which is what was asked, with no_dist=True)."
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+# %% ../nbs/09_runs.ipynb #4536d11d
+def _optimizer_list(optimizer) -> list:
+    "The torch optimizers behind `optimizer`: itself, or the `.optimizers` of several stepped as one (smollm.train.Optimizers)."
+    return list(getattr(optimizer, "optimizers", [optimizer]))
+
+def _distributed_state(model, optimizer=None) -> dict:
+    """{'model': ..., 'optimizer': ...} (no 'optimizer' when `optimizer` is None) as
+    torch.distributed.checkpoint.state_dict gives them: the same keys for a plain, DDP or FSDP2 model, FSDP2's
+    tensors sharded. DCP saves this dict, and loads into it in place."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+    if optimizer is None: return {"model": get_model_state_dict(model)}
+    m, o = get_state_dict(model, _optimizer_list(optimizer))
+    return {"model": m, "optimizer": o}
+
+def _set_distributed_state(model, optimizer, sd: dict):
+    "Put the tensors of `sd` (a dict of `_distributed_state`, loaded by DCP) back into `model` and `optimizer`."
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+    if optimizer is None: set_model_state_dict(model, sd["model"])
+    else: set_state_dict(model, _optimizer_list(optimizer), model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+
+# %% ../nbs/09_runs.ipynb #9611ccf2
 def save_checkpoint(ckpt_dir, step: int, model, optimizer, state: dict, keep: int = 1) -> Path:
-    """Write checkpoint `step` of `model`, `optimizer` and `state` (a dict of plain data and tensors) into
-    ckpt_dir/step_<step>/ atomically, point ckpt_dir/latest at it, and keep the last `keep` checkpoints."""
-    import torch
-    from safetensors.torch import save_model
-    ckpt_dir = Path(ckpt_dir); ckpt_dir.mkdir(parents=True, exist_ok=True)
+    """Write checkpoint `step` into ckpt_dir/step_<step>/ atomically: `model` and `optimizer` (a torch optimizer, or
+    smollm.train.Optimizers) sharded with torch.distributed.checkpoint, and `state` (plain data and tensors; its
+    'rng' is this rank's) once in state.pt, with every rank's 'rng'. Then point ckpt_dir/latest at it and keep the
+    last `keep` checkpoints. With torch.distributed initialised it is collective: every rank calls it."""
+    import torch, torch.distributed.checkpoint as dcp
+    rank, world = _rank_world()
+    ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step_{step:07d}"
-    if not final.exists():     # the same step saved twice (periodic, then final) is the same data
-        tmp = ckpt_dir / f".tmp_{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save({**state, "step": step, "optimizer": optimizer.state_dict()}, tmp / "state.pt")
-        os.replace(tmp, final)
-    _write_atomic(ckpt_dir / "latest", final.name)
-    for old in sorted(ckpt_dir.glob("step_*"))[:-keep] if keep > 0 else []:
-        if old != final: shutil.rmtree(old, ignore_errors=True)
+    tmp = ckpt_dir / f".tmp_{final.name}"
+    write = not _gather(final.exists())[0]   # rank 0 decides; the same step saved twice (periodic, then final) is the same data
+    if write:
+        def prepare():
+            if rank == 0:
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
+        _together(prepare, f"creating {tmp}")
+        rngs = _gather(state.get("rng"))
+        extra = {"rng": rngs} if "rng" in state else {}
+        def write_state():
+            if rank == 0: torch.save({**state, **extra, "step": step, "world_size": world}, tmp / "state.pt")
+        _together(write_state, f"writing {tmp / 'state.pt'}")
+        with _quiet_dcp():
+            dcp.save(_distributed_state(model, optimizer), checkpoint_id=tmp, no_dist=world == 1)
+    def publish():
+        if rank != 0: return
+        if write: os.replace(tmp, final)
+        _write_atomic(ckpt_dir / "latest", final.name)
+        for old in sorted(ckpt_dir.glob("step_*"))[:-keep] if keep > 0 else []:
+            if old != final: shutil.rmtree(old, ignore_errors=True)
+    _together(publish, f"publishing {final}")
     return final
 
+# %% ../nbs/09_runs.ipynb #f592681e
+def _complete(path: Path) -> bool:
+    "Whether `path` is a whole checkpoint: state.pt, and DCP's .metadata (sharded) or model.safetensors (the format of before)."
+    return (path / "state.pt").is_file() and ((path / ".metadata").is_file() or (path / "model.safetensors").is_file())
+
 def latest_checkpoint(ckpt_dir) -> Path | None:
-    "The checkpoint ckpt_dir/latest names, else the newest complete one, else None."
+    "The checkpoint ckpt_dir/latest names if it is complete, else the newest complete one, else None."
     ckpt_dir = Path(ckpt_dir)
-    complete = lambda p: (p / "model.safetensors").is_file() and (p / "state.pt").is_file()
     ptr = ckpt_dir / "latest"
-    if ptr.is_file() and complete(ckpt_dir / ptr.read_text().strip()):
+    if ptr.is_file() and _complete(ckpt_dir / ptr.read_text().strip()):
         return ckpt_dir / ptr.read_text().strip()
-    found = sorted(p for p in ckpt_dir.glob("step_*") if complete(p))
+    found = sorted(p for p in ckpt_dir.glob("step_*") if _complete(p))
     return found[-1] if found else None
 
 def read_checkpoint_state(path, map_location="cpu") -> dict:
-    "The state dict of checkpoint folder `path` (step, optimizer and what the trainer saved), without any weights."
+    """The state of checkpoint folder `path` without any weights: step, what the trainer saved, and 'rng' for this
+    rank (saved rank `rank % world_size`); 'world_size' is the number of ranks that saved it (absent in the format
+    of before, whose state also holds the optimizer)."""
     import torch
-    return torch.load(Path(path) / "state.pt", map_location=map_location, weights_only=True)
+    state = torch.load(Path(path) / "state.pt", map_location=map_location, weights_only=True)
+    if "world_size" in state and "rng" in state:
+        state["rng"] = state["rng"][_rank_world()[0] % len(state["rng"])]
+    return state
+
+# %% ../nbs/09_runs.ipynb #ea28b498
+def _load_single_process_format(path: Path, model, optimizer):
+    "Load a checkpoint of the format of before (model.safetensors + the optimizer inside state.pt) into a plain model."
+    import torch
+    from safetensors.torch import load_model
+    device = next(model.parameters()).device
+    load_model(model, str(path / "model.safetensors"), device=str(device))
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "state.pt", map_location=device, weights_only=True)["optimizer"])
+
+def _load(path, model, optimizer=None, alone: bool = False) -> dict:
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        import torch.distributed.checkpoint as dcp
+        sd = _distributed_state(model, optimizer)
+        with _quiet_dcp():
+            dcp.load(sd, checkpoint_id=path, no_dist=alone or _rank_world()[1] == 1)
+        _set_distributed_state(model, optimizer, sd)
+    elif (path / "model.safetensors").is_file():
+        _load_single_process_format(path, model, optimizer)
+    else:
+        raise FileNotFoundError(f"{path} is not a checkpoint: expected DCP's .metadata (a sharded checkpoint) or "
+                                "model.safetensors (the single-process format of before), beside state.pt")
+    return read_checkpoint_state(path, map_location=next(model.parameters()).device)
 
 def load_checkpoint(path, model, optimizer=None) -> dict:
-    "Load weights into `model` (and `optimizer`'s state) from checkpoint folder `path`; return its state dict."
-    from safetensors.torch import load_model
-    path, device = Path(path), next(model.parameters()).device
-    load_model(model, str(path / "model.safetensors"), device=str(device))
-    state = read_checkpoint_state(path, map_location=device)
-    if optimizer is not None: optimizer.load_state_dict(state["optimizer"])
-    return state
+    """Load `model`'s weights (and `optimizer`'s state) from checkpoint folder `path`, whatever sharding saved it
+    and whatever the model's is now (plain, DDP or FSDP2); return its state (read_checkpoint_state). With
+    torch.distributed initialised it is collective: every rank calls it."""
+    return _load(path, model, optimizer)
 
 # %% ../nbs/09_runs.ipynb #940dbec1
 def save_tokenizer(source, run_dir) -> None:
@@ -174,7 +273,8 @@ def save_tokenizer(source, run_dir) -> None:
 # %% ../nbs/09_runs.ipynb #c204803b
 def load_run(run_dir, checkpoint: str | None = None, device="cpu"):
     """(model in eval mode, resolved config) of a smollm-train run folder, at its latest checkpoint or at
-    `checkpoint` (a folder name of run_dir/checkpoints, e.g. 'step_0000100'); device: where the weights go."""
+    `checkpoint` (a folder name of run_dir/checkpoints, e.g. 'step_0000100'); device: where the weights go.
+    A sharded checkpoint is consolidated here, in this process alone."""
     from smollm.config import build_model
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
@@ -183,7 +283,7 @@ def load_run(run_dir, checkpoint: str | None = None, device="cpu"):
         found = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
         raise FileNotFoundError(f"{run_dir}: checkpoint {checkpoint or '(latest)'} not found; there are: {found or 'none'}")
     model = build_model(cfg.model).to(device)
-    load_checkpoint(ckpt, model)
+    _load(ckpt, model, alone=True)
     return model.eval(), cfg
 
 # %% ../nbs/09_runs.ipynb #b5bb7038
