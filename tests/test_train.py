@@ -62,15 +62,15 @@ def test_resume_is_exact(tmp_path, extra):
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    import safetensors.torch as st
+    import torch.distributed.checkpoint as dcp
     import smollm.train
-    real, calls = st.save_model, []
-    def save_then_die(model, filename, *a, **k):
-        calls.append(filename)
-        real(model, filename, *a, **k)
-        if len(calls) == 2:   # inside the second checkpoint: weights written, state not, folder not renamed
+    real, calls = dcp.save, []
+    def save_then_die(state_dict, *a, **k):
+        calls.append(k.get("checkpoint_id"))
+        real(state_dict, *a, **k)
+        if len(calls) == 2:   # inside the second checkpoint: state and shards written, folder not renamed
             os.kill(os.getpid(), signal.SIGKILL)
-    st.save_model = save_then_die
+    dcp.save = save_then_die
     sys.argv = ["smollm-train", *sys.argv[1:]]
     smollm.train.main()
 """)
@@ -135,7 +135,7 @@ def test_metrics_csv_is_flushed_row_by_row(tmp_path):
     assert read_metrics(tmp_path / "metrics.csv") == [dict(step=1, train_loss=1 / 3, val_loss=None)]
 
 
-@pytest.mark.parametrize("where", ["safetensors", "torch.save"])
+@pytest.mark.parametrize("where", ["dcp", "torch.save"])
 def test_interrupted_checkpoint_leaves_the_previous_one_whole(tmp_path, monkeypatch, where):
     cfg = cfg_of()
     m = build_model(cfg.model)
@@ -146,9 +146,9 @@ def test_interrupted_checkpoint_leaves_the_previous_one_whole(tmp_path, monkeypa
         for p in m.parameters(): p.add_(1.0)
 
     def boom(*a, **k): raise OSError("disk full (simulated)")
-    if where == "safetensors":
-        import safetensors.torch
-        monkeypatch.setattr(safetensors.torch, "save_model", boom)
+    if where == "dcp":   # the model and optimizer's shards
+        import torch.distributed.checkpoint as dcp
+        monkeypatch.setattr(dcp, "save", boom)
     else:
         monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(OSError, match="disk full"):
