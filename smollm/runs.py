@@ -227,15 +227,6 @@ def read_checkpoint_state(path, map_location="cpu") -> dict:
     return state
 
 # %% ../nbs/09_runs.ipynb #ea28b498
-def _load_single_process_format(path: Path, model, optimizer):
-    "Load a checkpoint of the format of before (model.safetensors + the optimizer inside state.pt) into a plain model."
-    import torch
-    from safetensors.torch import load_model
-    device = next(model.parameters()).device
-    load_model(model, str(path / "model.safetensors"), device=str(device))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "state.pt", map_location=device, weights_only=True)["optimizer"])
-
 def _load(path, model, optimizer=None, alone: bool = False) -> dict:
     path = Path(path)
     if (path / ".metadata").is_file():
@@ -256,6 +247,39 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
     and whatever the model's is now (plain, DDP or FSDP2); return its state (read_checkpoint_state). With
     torch.distributed initialised it is collective: every rank calls it."""
     return _load(path, model, optimizer)
+
+# %% ../nbs/09_runs.ipynb #60a972bb
+def _named_optimizer_state(model, optimizer, saved: dict) -> dict:
+    """`saved`, an optimizer state of the format of before (keyed by parameter index, one dict per optimizer under
+    'optimizers' for several), keyed by parameter name as set_optimizer_state_dict takes it. The names come in
+    the optimizers' own order from get_optimizer_state_dict, which is the order of the saved indices."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    names = [n for g in get_optimizer_state_dict(model, _optimizer_list(optimizer))["param_groups"] for n in g["params"]]
+    per_opt = saved.get("optimizers", [saved])
+    then = [[len(g["params"]) for g in s["param_groups"]] for s in per_opt]
+    now = [[len(g["params"]) for g in o.param_groups] for o in _optimizer_list(optimizer)]
+    if then != now:
+        raise ValueError(f"the checkpoint's optimizer has groups of {then} parameters (one list per optimizer), this "
+                         f"one {now}: build the optimizer the run was saved with (the same optim config)")
+    slots = [(k, i) for k, s in enumerate(per_opt) for g in s["param_groups"] for i in g["params"]]
+    name = dict(zip(slots, names))
+    return {"state": {name[k, i]: v for k, s in enumerate(per_opt) for i, v in s["state"].items()},
+            "param_groups": [{**g, "params": [name[k, i] for i in g["params"]]}
+                             for k, s in enumerate(per_opt) for g in s["param_groups"]]}
+
+def _load_single_process_format(path: Path, model, optimizer):
+    """Load a checkpoint of the format of before (model.safetensors, and state.pt holding the optimizer) into
+    `model` and `optimizer`, as full state dicts: into a plain, DDP or FSDP2 model alike."""
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    full = StateDictOptions(full_state_dict=True)
+    device = next(model.parameters()).device
+    set_model_state_dict(model, load_file(path / "model.safetensors", device=str(device)), options=full)
+    if optimizer is not None:
+        saved = torch.load(path / "state.pt", map_location=device, weights_only=True)["optimizer"]
+        set_optimizer_state_dict(model, _optimizer_list(optimizer), _named_optimizer_state(model, optimizer, saved),
+                                 options=full)
 
 # %% ../nbs/09_runs.ipynb #940dbec1
 def save_tokenizer(source, run_dir) -> None:

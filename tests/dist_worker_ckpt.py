@@ -2,8 +2,9 @@
 
     torchrun ... tests/dist_worker_ckpt.py OUT
 
-OUT/w1/checkpoints holds a checkpoint that the test saved in one process. Every rank:
-1. loads it into an FSDP2 model and into a DDP one and takes the next step (resharding 1 -> 2);
+OUT/w1/checkpoints holds a checkpoint that the test saved in one process, OUT/w1_old/step_0000002 the same in the
+single-process format of before. Every rank:
+1. loads each into an FSDP2 model and into a DDP one and takes the next step (resharding 1 -> 2);
 2. trains a fresh FSDP2 model and a fresh DDP one for two steps, saves run folders OUT/<strategy>_run (config.yaml
    and checkpoints/step_0000002), takes the next step, and writes the full weights at the save and the logits of a
    fixed input (for 2 -> 1, read back by the test in one process);
@@ -77,10 +78,13 @@ def main(out: Path):
         opt = adamw(model)
         state = load_checkpoint(latest_checkpoint(out / "w1" / "checkpoints"), model, opt)
         results[f"{strategy}_from_w1"] = train_step(model, opt, state["step"], rank, world)
-        same = torch.equal(state["rng"]["torch"], saved_rng)
         flags = [None] * world
-        dist.all_gather_object(flags, same)
+        dist.all_gather_object(flags, torch.equal(state["rng"]["torch"], saved_rng))
         results[f"{strategy}_from_w1_rng"] = flags
+        model = wrap(tiny(), strategy)          # and the single-process format of before
+        opt = adamw(model)
+        state = load_checkpoint(out / "w1_old" / "step_0000002", model, opt)
+        results[f"{strategy}_from_w1_old"] = train_step(model, opt, state["step"], rank, world)
 
     for strategy in ("fsdp", "ddp"):           # 2 -> 1: saved here, read back by the test in one process
         run = out / f"{strategy}_run"

@@ -35,6 +35,14 @@ def trained(steps: int = 2):
     return model, opt
 
 
+def save_old_format(folder: Path, model, opt, state: dict):
+    "A checkpoint as smollm wrote them before DCP: model.safetensors, and state.pt holding the optimizer's state_dict()."
+    from safetensors.torch import save_model
+    folder.mkdir(parents=True)
+    save_model(model, str(folder / "model.safetensors"))
+    torch.save({**state, "optimizer": opt.state_dict()}, folder / "state.pt")
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Save a one-process checkpoint (step 2), then run the 2-rank worker once; returns (folder, results, the
@@ -44,6 +52,7 @@ def ranks(tmp_path_factory):
     torch.manual_seed(1000)
     torch.save(torch.get_rng_state(), out / "w1_rng.pt")
     save_checkpoint(out / "w1" / "checkpoints", 2, model, opt, {"rng": rng_state(), "tokens": 2 * GLOBAL_BATCH * T})
+    save_old_format(out / "w1_old" / "step_0000002", model, opt, {"step": 2, "tokens": 5, "rng": rng_state()})
     next_loss = train_step(model, opt, 2)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(WORKER), str(out)],
@@ -57,6 +66,7 @@ def test_one_process_checkpoint_resumes_on_two_ranks(ranks, strategy):
     out, results, next_loss = ranks
     assert abs(results[f"{strategy}_from_w1"] - next_loss) < TOL
     assert results[f"{strategy}_from_w1_rng"] == [True, True]     # both ranks continue the one saved stream
+    assert abs(results[f"{strategy}_from_w1_old"] - next_loss) < TOL   # the format of before, too
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
@@ -131,13 +141,10 @@ def test_a_half_written_checkpoint_is_never_trusted(tmp_path):
 
 def test_the_single_process_format_of_before_still_loads(tmp_path):
     "model.safetensors + state.pt (with the optimizer), as smollm wrote checkpoints before DCP: weights, optimizer, state."
-    from safetensors.torch import save_model
     model, opt = trained()
     run = tmp_path / "run"
     old = run / "checkpoints" / "step_0000002"
-    old.mkdir(parents=True)
-    save_model(model, str(old / "model.safetensors"))
-    torch.save({"step": 2, "tokens": 5, "rng": rng_state(), "optimizer": opt.state_dict()}, old / "state.pt")
+    save_old_format(old, model, opt, {"step": 2, "tokens": 5, "rng": rng_state()})
     (run / "checkpoints" / "latest").write_text(old.name)
     save_config(compose(CFG), run)
     x, _ = batch(0)
@@ -149,3 +156,24 @@ def test_the_single_process_format_of_before_still_loads(tmp_path):
     assert (state["step"], state["tokens"], sorted(state["rng"])) == (2, 5, ["cuda", "numpy", "python", "torch"])
     assert abs(train_step(fresh, fresh_opt, 2) - train_step(model, opt, 2)) < TOL
     torch.testing.assert_close(load_run(run)[0](x), logits, atol=0, rtol=0)   # the readers too
+
+
+def test_the_format_of_before_with_tied_embeddings_and_muon(tmp_path):
+    "Tied weights (stored once by safetensors) and Muon + AdamW (smollm.train.Optimizers, one state per optimizer)."
+    from smollm.config import build_model
+    from smollm.train import muon
+    cfg = compose(CFG + ["model.tie_embeddings=true"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = muon(model)
+    for step in range(2):
+        train_step(model, opt, step)
+    save_old_format(tmp_path / "step_0000002", model, opt, {"step": 2})
+    torch.manual_seed(1)
+    fresh = build_model(cfg)
+    fresh_opt = muon(fresh)
+    load_checkpoint(tmp_path / "step_0000002", fresh, fresh_opt)
+    assert fresh.lm_head.weight is fresh.embed.weight and torch.equal(fresh.embed.weight, model.embed.weight)
+    assert abs(train_step(fresh, fresh_opt, 2) - train_step(model, opt, 2)) < TOL
+    with pytest.raises(ValueError, match=r"the checkpoint's optimizer has groups of \[\[14\], \[6\]\] parameters \(one list per optimizer\), this one \[\[14, 6\]\]"):
+        load_checkpoint(tmp_path / "step_0000002", fresh, adamw(fresh))
