@@ -108,10 +108,12 @@ def rng_state() -> dict:
             "python": random.getstate(), "numpy": [s[0], s[1].tolist(), *s[2:]]}
 
 def set_rng_state(state: dict):
-    "Restore the RNG states of torch, CUDA, Python and NumPy from a dict of `rng_state()` (also after a save and load)."
+    """Restore the RNG states of torch, CUDA, Python and NumPy from a dict of `rng_state()` (also after a save and
+    load). CUDA's: of the devices that both the saving process and this one see (a resume may see fewer)."""
     import numpy as np, torch
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]): torch.cuda.set_rng_state(s, i)
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     s = state["numpy"]
     np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), *s[2:]))
