@@ -537,6 +537,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'smollm.runs._distributed_state': ('runs.html#_distributed_state', 'smollm/runs.py'),
                              'smollm.runs._gather': ('runs.html#_gather', 'smollm/runs.py'),
                              'smollm.runs._load': ('runs.html#_load', 'smollm/runs.py'),
+                             'smollm.runs._load_sharded': ('runs.html#_load_sharded', 'smollm/runs.py'),
                              'smollm.runs._load_single_process_format': ('runs.html#_load_single_process_format', 'smollm/runs.py'),
                              'smollm.runs._named_optimizer_state': ('runs.html#_named_optimizer_state', 'smollm/runs.py'),
                              'smollm.runs._optimizer_list': ('runs.html#_optimizer_list', 'smollm/runs.py'),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_runs.ipynb #acfd57c8
 from __future__ import annotations
-import csv, json, os, random, shutil, warnings
+import csv, json, os, random, re, shutil, warnings
 from contextlib import contextmanager
 from pathlib import Path
 from omegaconf import OmegaConf
@@ -229,16 +229,26 @@ def read_checkpoint_state(path, map_location="cpu") -> dict:
     return state
 
 # %% ../nbs/09_runs.ipynb #ea28b498
-def _load(path, model, optimizer=None, alone: bool = False) -> dict:
-    path = Path(path)
-    if (path / ".metadata").is_file():
-        import torch.distributed.checkpoint as dcp
-        sd = _distributed_state(model, optimizer)
+def _load_sharded(path: Path, model, optimizer, alone: bool):
+    """Load a DCP checkpoint into `model` (and `optimizer`) in place, resharded to their sharding now; alone: read
+    in this process only, even under torchrun (every rank calls it otherwise)."""
+    import torch.distributed.checkpoint as dcp
+    sd = _distributed_state(model, optimizer)
+    try:
         with _quiet_dcp():
             dcp.load(sd, checkpoint_id=path, no_dist=alone or _rank_world()[1] == 1)
-        _set_distributed_state(model, optimizer, sd)
-    elif (path / "model.safetensors").is_file():
-        _load_single_process_format(path, model, optimizer)
+    except BaseException as e:   # DCP's CheckpointException is a BaseException; it is raised on every rank
+        missing = re.findall(r"Missing key in checkpoint state_dict: ([\w.]+)", str(e))   # DCP's message, in a traceback
+        if not missing: raise
+        raise ValueError(f"{path} holds no {missing[-1].rstrip('.')}: the model or optimizer loaded into it is not the kind "
+                         "that was saved; build both from the run's config (the same model and optim)") from None
+    _set_distributed_state(model, optimizer, sd)
+
+def _load(path, model, optimizer=None, alone: bool = False) -> dict:
+    "load_checkpoint, told whether to read `alone` (in this process only, as load_run does)."
+    path = Path(path)
+    if (path / ".metadata").is_file(): _load_sharded(path, model, optimizer, alone)
+    elif (path / "model.safetensors").is_file(): _load_single_process_format(path, model, optimizer)
     else:
         raise FileNotFoundError(f"{path} is not a checkpoint: expected DCP's .metadata (a sharded checkpoint) or "
                                 "model.safetensors (the single-process format of before), beside state.pt")
