@@ -134,14 +134,15 @@ def _gather(obj) -> list:
     dist.all_gather_object(out, obj)
     return out
 
-def _together(fn, what: str):
-    "Call `fn()` on every rank; if it raised on any rank, raise on every rank (the failing ranks name their errors)."
+def _on_rank_0(what: str, fn):
+    "Call `fn()` on rank 0 alone; every rank returns once it is done, or raises if it failed (with its error)."
     err = None
-    try: fn()
-    except Exception as e: err = e
-    failed = [(r, m) for r, m in enumerate(_gather(None if err is None else f"{type(err).__name__}: {err}")) if m]
+    if _rank_world()[0] == 0:
+        try: fn()
+        except Exception as e: err = e
+    msg = _gather(None if err is None else f"{type(err).__name__}: {err}")[0]
     if err is not None: raise err
-    if failed: raise RuntimeError(f"{what} failed on " + "; ".join(f"rank {r} ({m})" for r, m in failed))
+    if msg: raise RuntimeError(f"{what} failed on rank 0: {msg}")
 
 @contextmanager
 def _quiet_dcp():
@@ -170,38 +171,38 @@ def _set_distributed_state(model, optimizer, sd: dict):
     if optimizer is None: set_model_state_dict(model, sd["model"])
     else: set_state_dict(model, _optimizer_list(optimizer), model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
 
+# %% ../nbs/09_runs.ipynb #be0e9563
+def _start_folder(tmp: Path, state: dict):
+    "A new temporary checkpoint folder `tmp` holding state.pt (a leftover of a save that failed is removed first)."
+    import torch
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
+    torch.save(state, tmp / "state.pt")
+
+def _publish(ckpt_dir: Path, final: Path, tmp: Path | None, keep: int):
+    "Rename `tmp` (None: nothing new was written) to `final`, point ckpt_dir/latest at it, and keep the last `keep`."
+    if tmp is not None: os.replace(tmp, final)
+    _write_atomic(ckpt_dir / "latest", final.name)
+    for old in sorted(ckpt_dir.glob("step_*"))[:-keep] if keep > 0 else []:
+        if old != final: shutil.rmtree(old, ignore_errors=True)
+
 # %% ../nbs/09_runs.ipynb #9611ccf2
 def save_checkpoint(ckpt_dir, step: int, model, optimizer, state: dict, keep: int = 1) -> Path:
     """Write checkpoint `step` into ckpt_dir/step_<step>/ atomically: `model` and `optimizer` (a torch optimizer, or
     smollm.train.Optimizers) sharded with torch.distributed.checkpoint, and `state` (plain data and tensors; its
     'rng' is this rank's) once in state.pt, with every rank's 'rng'. Then point ckpt_dir/latest at it and keep the
     last `keep` checkpoints. With torch.distributed initialised it is collective: every rank calls it."""
-    import torch, torch.distributed.checkpoint as dcp
-    rank, world = _rank_world()
+    import torch.distributed.checkpoint as dcp
+    world = _rank_world()[1]
     ckpt_dir = Path(ckpt_dir)
-    final = ckpt_dir / f"step_{step:07d}"
-    tmp = ckpt_dir / f".tmp_{final.name}"
-    write = not _gather(final.exists())[0]   # rank 0 decides; the same step saved twice (periodic, then final) is the same data
+    final, tmp = ckpt_dir / f"step_{step:07d}", ckpt_dir / f".tmp_step_{step:07d}"
+    write = not _gather(final.exists())[0]   # rank 0's view; the same step saved twice (periodic, then final) is the same data
     if write:
-        def prepare():
-            if rank == 0:
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-        _together(prepare, f"creating {tmp}")
-        rngs = _gather(state.get("rng"))
-        extra = {"rng": rngs} if "rng" in state else {}
-        def write_state():
-            if rank == 0: torch.save({**state, **extra, "step": step, "world_size": world}, tmp / "state.pt")
-        _together(write_state, f"writing {tmp / 'state.pt'}")
+        rngs = {"rng": _gather(state["rng"])} if "rng" in state else {}
+        _on_rank_0(f"writing {tmp / 'state.pt'}", lambda: _start_folder(tmp, {**state, **rngs, "step": step, "world_size": world}))
         with _quiet_dcp():
             dcp.save(_distributed_state(model, optimizer), checkpoint_id=tmp, no_dist=world == 1)
-    def publish():
-        if rank != 0: return
-        if write: os.replace(tmp, final)
-        _write_atomic(ckpt_dir / "latest", final.name)
-        for old in sorted(ckpt_dir.glob("step_*"))[:-keep] if keep > 0 else []:
-            if old != final: shutil.rmtree(old, ignore_errors=True)
-    _together(publish, f"publishing {final}")
+    _on_rank_0(f"publishing {final}", lambda: _publish(ckpt_dir, final, tmp if write else None, keep))
     return final
 
 # %% ../nbs/09_runs.ipynb #f592681e
