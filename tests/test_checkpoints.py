@@ -98,18 +98,24 @@ def test_every_rank_rng_state_is_kept(ranks):
 
 
 def test_load_run_consolidates_a_sharded_run_in_a_plain_process(ranks):
-    "smollm-generate, smollm-chat and to_hf read a run trained on 2 ranks in a fresh process, without torchrun."
+    """smollm-generate, smollm-chat (load_model) and to_hf(load_run(run)[0], out) read a run trained on 2 ranks in a
+    fresh process, without torchrun and without a process group."""
     out, _, _ = ranks
-    code = ("import sys, torch, torch.distributed as dist; from smollm.runs import load_run; "
+    code = ("import sys, torch, torch.distributed as dist; from smollm.runs import load_run, load_model; "
+            "from smollm.hf import to_hf; "
             "m, cfg = load_run(sys.argv[1]); x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(7)); "
-            "assert not dist.is_initialized(); torch.save(m(x).detach(), sys.argv[2])")
+            "hf = load_model(to_hf(m, sys.argv[2] + '.hf')); assert not dist.is_initialized(); "
+            "torch.save([m(x).detach(), load_model(sys.argv[1])(x).detach(), hf(x).detach()], sys.argv[2])")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     for strategy in ("fsdp", "ddp"):
         p = subprocess.run([sys.executable, "-c", code, str(out / f"{strategy}_run"), str(out / "logits.pt")],
                            env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr[-3000:]
         expected = torch.load(out / f"{strategy}_at_save.pt", weights_only=True)["logits"]
-        torch.testing.assert_close(torch.load(out / "logits.pt", weights_only=True), expected, atol=1e-5, rtol=0)
+        run, model, exported = torch.load(out / "logits.pt", weights_only=True)   # load_run, load_model, to_hf's folder
+        torch.testing.assert_close(run, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(exported, expected, atol=1e-5, rtol=0)
 
 
 def test_a_save_failing_on_one_rank_fails_on_every_rank(ranks):
