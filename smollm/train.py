@@ -4,7 +4,8 @@
 
 # %% ../nbs/21_train.ipynb #db71e6f5
 from __future__ import annotations
-import contextlib, math, os, random, sys, time
+import contextlib, copy, math, os, random, shutil, sys, tempfile, time
+
 if "torch" not in sys.modules:   # the console script: waiting OpenMP threads sleep, not spin (set before torch loads)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from dataclasses import dataclass, field
@@ -15,15 +16,18 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from .config import ConfigError, build_model, compose, conf_dir, validate
+from .distributed import (DistEnv, broadcast, choose_strategy, close, full_value, grad_sync, init, is_main,
+                                mean_over_ranks, read_env, sum_over_ranks, wrap)
+
 from .runs import (METRIC_COLUMNS, MetricsLog, latest_checkpoint, load_checkpoint, progress_bar,
                          read_checkpoint_state, read_metrics, rng_state, save_checkpoint, save_config,
                          save_tokenizer, set_rng_state, update_run_json)
 
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'decay_groups', 'adamw', 'Optimizers', 'muon', 'Cosine', 'WSD', 'Constant', 'flops_per_token',
-           'peak_flops', 'autocast', 'accumulate', 'evaluate', 'plot_metrics', 'TrainRun', 'set_up', 'resume',
-           'open_run', 'TrainingError', 'train_step', 'log_metrics', 'checkpoint', 'vs_unigram', 'final_line', 'finish',
-           'write_samples', 'train', 'main']
+           'peak_flops', 'autocast', 'accumulate', 'evaluate', 'plot_metrics', 'TrainRun', 'per_rank_batch', 'set_up',
+           'resume', 'open_run', 'TrainingError', 'train_step', 'log_metrics', 'checkpoint', 'vs_unigram', 'final_line',
+           'finish', 'write_samples', 'train', 'main']
 
 # %% ../nbs/21_train.ipynb #82800202
 def _table_params(model: nn.Module) -> set[int]:
@@ -185,13 +189,15 @@ def autocast(device: torch.device, precision: str = "bf16"):
     return contextlib.nullcontext()
 
 def accumulate(loss_fn, batches, device: torch.device, precision: str = "fp32") -> torch.Tensor:
-    "Backward over micro-batches [(x, y), ...] with losses scaled by 1/len(batches); returns the mean loss (detached)."
+    """Backward over micro-batches [(x, y), ...] with losses scaled by 1/len(batches); returns the mean loss
+    (detached). A DDP `loss_fn` averages the gradients over ranks in the last backward pass only."""
     total = torch.zeros((), device=device)
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, precision):
-            loss = loss_fn(x, y) / len(batches)
-        loss.backward()
+        with grad_sync(loss_fn, enabled=i == len(batches) - 1):
+            with autocast(device, precision):
+                loss = loss_fn(x, y) / len(batches)
+            loss.backward()
         total += loss.detach()
     return total
 
@@ -199,7 +205,9 @@ def accumulate(loss_fn, batches, device: torch.device, precision: str = "fp32") 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device, precision: str = "fp32",
              accuracy: bool = False) -> dict:
-    "Mean loss per target over `batches` [(x, y)], its perplexity, and (accuracy=True) the argmax accuracy."
+    """Mean loss per target over `batches` [(x, y)], its perplexity, and (accuracy=True) the argmax accuracy. With
+    several ranks each holds its slices of the batches, and the sums of losses and targets are taken over all."""
+
     was = model.training; model.eval()
     loss_sum, n, correct = 0.0, 0, 0
     for x, y in batches:
@@ -214,7 +222,9 @@ def evaluate(model: nn.Module, batches, device: torch.device, precision: str = "
                 loss = model.loss(x, y).float() * k
         loss_sum, n = loss_sum + float(loss), n + k
     model.train(was)
+    loss_sum, n, correct = sum_over_ranks(loss_sum, n, correct)   # each rank held its slice of every batch
     val_loss = loss_sum / max(n, 1)
+
     out = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700))}
     if accuracy: out["val_acc"] = correct / max(n, 1)
     return out
@@ -244,7 +254,8 @@ def _window() -> dict:
 @dataclass
 class TrainRun:
     """One training run while it runs: the config, what `set_up` built from it, and the counters the loop advances
-    (step: optimizer steps done; start: the step this process began at, after a resume; tokens: seen in training)."""
+    (step: optimizer steps done; start: the step this process began at, after a resume; tokens: seen in training,
+    by all ranks together)."""
     cfg: DictConfig
     run_dir: Path
     device: torch.device
@@ -252,7 +263,8 @@ class TrainRun:
     model: nn.Module
     optimizer: object
     schedule: Callable[[int], float]
-    loss_fn: Callable                  # model.loss, or its torch.compile'd form
+    loss_fn: Callable                  # (x, y) -> loss: distributed.wrap's training module, or its torch.compile'd form
+
     val: list                          # the fixed validation batches [(x, y)]
     params: list                       # the trained parameters, for gradient clipping
     flops: float                       # training FLOPs per token
@@ -268,6 +280,10 @@ class TrainRun:
     ema: float | None = None           # smoothed loss, for the progress bar only
     t_train: float = 0.0               # seconds spent in steps
     t_steady: float = 0.0              # the same without this process's first step, which pays one-off set-up costs
+    env: DistEnv = field(default_factory=DistEnv)   # this process's rank, world size and device
+    strategy: str = "none"             # trainer.parallel as chosen: 'none', 'ddp' or 'fsdp'
+    note: str | None = None            # what smollm chose for trainer.parallel, to tell the user
+
 
     @property
     def tc(self): return self.cfg.trainer
@@ -276,7 +292,9 @@ class TrainRun:
     @property
     def accuracy(self) -> bool: return self.source.metric == "accuracy"
     @property
-    def tokens_per_step(self) -> int: return self.tc.batch_size * self.tc.grad_accum * self.cfg.model.block_size
+    def global_batch(self) -> int: return self.tc.batch_size * self.tc.grad_accum * self.env.world_size
+    @property
+    def tokens_per_step(self) -> int: return self.global_batch * self.cfg.model.block_size
     @property
     def resolved(self) -> dict: return OmegaConf.to_container(self.cfg, resolve=True)
 
@@ -291,7 +309,8 @@ class TrainRun:
     def state(self) -> dict:
         "What a checkpoint holds besides weights and optimizer: tokens, RNG states, config, data position, schedule."
         return {"tokens": self.tokens, "rng": rng_state(), "config": self.resolved,
-                "data": {"step": self.step, "seed": self.cfg.seed},
+                "data": {"step": self.step, "seed": self.cfg.seed, "global_batch": self.global_batch},
+
                 "schedule": {"class": type(self.schedule).__name__, "factor": self.schedule(self.step)}}
 
 # %% ../nbs/21_train.ipynb #64d205c6
@@ -307,33 +326,72 @@ def _check_trainer(tc):
             raise ConfigError(f"trainer.{key}={tc[key]!r} is not valid: a positive integer")
     if tc.resume not in (True, False, "auto"):
         raise ConfigError(f"trainer.resume={tc.resume!r} is not valid: true, false or auto")
+    if tc.get("activation_checkpointing", False) not in (True, False):
+        raise ConfigError(f"trainer.activation_checkpointing={tc.activation_checkpointing!r} is not valid: true or false")
+    if not isinstance(tc.get("compile_blocks", False), (bool, str)):
+        raise ConfigError(f"trainer.compile_blocks={tc.compile_blocks!r} is not valid: false, true (inductor) or the "
+                          "name of a torch.compile backend (e.g. aot_eager)")
+    if not isinstance(tc.get("dist_timeout", 600), (int, float)) or tc.get("dist_timeout", 600) <= 0:
+        raise ConfigError(f"trainer.dist_timeout={tc.dist_timeout!r} is not valid: a positive number of seconds")
 
-def set_up(cfg: DictConfig, run_dir=None, source=None) -> TrainRun:
-    """Check the config, seed torch, Python and NumPy from cfg.seed, and build a `TrainRun` in `run_dir` (default:
-    the current folder): the data source (`source`, else `build_data(cfg.data)`), the model on trainer.device,
-    its optimizer and schedule, and the validation batches."""
-    from hydra.utils import instantiate
-    validate(cfg)
-    tc = cfg.trainer
-    run_dir = Path(run_dir or ".").resolve(); run_dir.mkdir(parents=True, exist_ok=True)
-    _check_trainer(tc)
-    device = _device(tc.device)
-    if tc.get("threads"): torch.set_num_threads(int(tc.threads))   # e.g. 1 per run when several share a CPU
-    if device.type == "cuda": torch.set_float32_matmul_precision("high")
-    torch.manual_seed(cfg.seed); random.seed(cfg.seed); np.random.seed(cfg.seed)
+# %% ../nbs/21_train.ipynb #0560b474
+def per_rank_batch(tc, world_size: int) -> int:
+    """Sequences per micro-batch on each of `world_size` ranks: trainer.batch_size; or, with trainer.global_batch_size
+    set (sequences per optimizer step over all ranks), that divided by grad_accum x world_size, which must divide it."""
+    g = tc.get("global_batch_size")
+    if g is None: return tc.batch_size
+    per = tc.grad_accum * world_size
+    if isinstance(g, bool) or int(g) != g or g < 1 or g % per:
+        raise ConfigError(f"trainer.global_batch_size={g!r} is not valid with trainer.grad_accum={tc.grad_accum} on "
+                          f"{world_size} process(es): a positive multiple of {per} (grad_accum x processes), or null")
+    return int(g) // per
+
+def _with_batch_size(cfg: DictConfig, batch_size: int) -> DictConfig:
+    "`cfg`, or a copy of it whose trainer.batch_size is `batch_size` (what config.yaml then records)."
+    if batch_size == cfg.trainer.batch_size: return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.trainer.batch_size = batch_size
+    return cfg
+
+# %% ../nbs/21_train.ipynb #c820fbfe
+def _source(cfg: DictConfig, source=None):
+    "The prepared data source (`source`, else `build_data(cfg.data)`), checked against the model's vocabulary."
     if source is None:
         from smollm.data import build_data
         source = build_data(cfg.data)
-    source.prepare()
+    source.prepare()   # every rank: a cache build is safe against concurrent builders (the first one kept)
     if source.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's vocabulary "
                           f"({source.vocab_size}); set model.vocab_size: ${{data.vocab_size}} or larger")
-    T, model = cfg.model.block_size, build_model(cfg.model).to(device)
-    return TrainRun(cfg, run_dir, device, source, model, optimizer=instantiate(cfg.optim)(model),
-                    schedule=instantiate(cfg.schedule), loss_fn=torch.compile(model.loss) if tc.compile else model.loss,
-                    val=source.val_batches(tc.eval_batches, tc.batch_size, T),
-                    params=[p for p in model.parameters() if p.requires_grad],
-                    flops=flops_per_token(model, T), peak=peak_flops(device, tc.get("peak_flops")))
+    return source
+
+def set_up(cfg: DictConfig, run_dir=None, source=None) -> TrainRun:
+    """Check the config, seed torch, Python and NumPy from cfg.seed, and build a `TrainRun` in `run_dir` (default:
+    the current folder; rank 0's under torchrun): the data source (`source`, else `build_data(cfg.data)`), the model
+    on trainer.device, wrapped for trainer.parallel (joining the process group first), its optimizer and schedule,
+    and this rank's slices of the validation batches."""
+    from hydra.utils import instantiate
+    validate(cfg)
+    _check_trainer(cfg.trainer)
+    env = read_env(_device(cfg.trainer.device))
+    strategy, note = choose_strategy(cfg.trainer.get("parallel"), env)
+    cfg = _with_batch_size(cfg, per_rank_batch(cfg.trainer, env.world_size)); tc = cfg.trainer
+    if strategy != "none": init(env, tc.get("dist_timeout", 600))
+    run_dir = Path(broadcast(str(Path(run_dir or ".").resolve())))   # Hydra names folders by the clock: rank 0's
+    if env.is_main: run_dir.mkdir(parents=True, exist_ok=True)
+    if tc.get("threads"): torch.set_num_threads(int(tc.threads))   # e.g. 1 per run when several share a CPU
+    if env.device.type == "cuda": torch.set_float32_matmul_precision("high")
+    torch.manual_seed(cfg.seed); random.seed(cfg.seed); np.random.seed(cfg.seed)
+    source = _source(cfg, source)
+    T, model = cfg.model.block_size, build_model(cfg.model).to(env.device)
+    flops = flops_per_token(model, T)
+    loss_fn = wrap(model, strategy, env, tc.get("activation_checkpointing", False), tc.get("compile_blocks", False),
+                   mixed_precision=strategy == "fsdp" and env.device.type == "cuda" and tc.precision == "bf16")
+    return TrainRun(cfg, run_dir, env.device, source, model, optimizer=instantiate(cfg.optim)(model),   # after wrap
+                    schedule=instantiate(cfg.schedule), loss_fn=torch.compile(loss_fn) if tc.compile else loss_fn,
+                    val=source.val_batches(tc.eval_batches, tc.batch_size, T, env.rank, env.world_size),
+                    params=[p for p in model.parameters() if p.requires_grad], flops=flops,
+                    peak=peak_flops(env.device, tc.get("peak_flops")), env=env, strategy=strategy, note=note)
 
 # %% ../nbs/21_train.ipynb #119405ea
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -368,19 +426,29 @@ def resume(run: TrainRun) -> Path | None:
     return ckpt
 
 # %% ../nbs/21_train.ipynb #0f1f6b6e
+def _where(run: TrainRun) -> str:
+    "Where the run computes, for its opening line: the device, and the processes and strategy when there is one."
+    e, tc = run.env, run.tc
+    if run.strategy == "none": return str(run.device)
+    return (f"{e.world_size} process(es) ({run.strategy} over {e.backend}, {run.device.type}; {tc.batch_size} "
+            f"sequences x {tc.grad_accum} micro-batch(es) per process)")
+
 def open_run(run: TrainRun):
-    """Write config.yaml, the tokenizer, metrics.csv (keeping the rows up to a resumed step) and run.json (status
-    'running') into the run folder, and print the run's opening line."""
-    tc, src, B, T = run.tc, run.source, run.tc.batch_size, run.cfg.model.block_size
+    """On rank 0: write config.yaml, the tokenizer, metrics.csv (keeping the rows up to a resumed step) and run.json
+    (status 'running') into the run folder, and print the run's opening line (after what smollm chose, if anything)."""
+    tc, src, T = run.tc, run.source, run.cfg.model.block_size
+    if not run.env.is_main: return
     save_config(run.cfg, run.run_dir)
     save_tokenizer(src, run.run_dir)
     run.log = MetricsLog(run.run_dir / "metrics.csv", list(METRIC_COLUMNS) + (["val_acc"] if run.accuracy else []),
                          keep_until=run.start if run.resumed_from is not None else None)
     n_params = run.model.num_params()
     update_run_json(run.run_dir, status="running", step=run.start, max_steps=tc.max_steps, params=n_params,
-                    metric=src.metric, data=src.describe(), flops_per_token=run.flops)
+                    metric=src.metric, data=src.describe(), flops_per_token=run.flops, parallel=run.strategy,
+                    world_size=run.env.world_size)
+    if run.note: print(f"smollm-train: {run.note}", flush=True)
     print(f"smollm-train: {run.cfg.model.name}, {n_params:,} parameters, {src.describe()}; "
-          f"{tc.max_steps} steps of {B * tc.grad_accum} x {T} tokens on {run.device}; run dir {run.run_dir}"
+          f"{tc.max_steps} steps of {run.global_batch} x {T} tokens on {_where(run)}; run dir {run.run_dir}"
           + (f"; resumed from {run.resumed_from.name}" if run.resumed_from is not None else ""), flush=True)
 
 # %% ../nbs/21_train.ipynb #712b103b
@@ -396,13 +464,16 @@ def _nonfinite(run: TrainRun, loss: float, grad_norm: float) -> TrainingError:
 def train_step(run: TrainRun) -> tuple[float, float]:
     """Optimizer step number run.step: the learning rate from the schedule, grad_accum micro-batches, clipping,
     and the step, unless the loss or the gradient norm is not finite (then TrainingError, with the weights
-    untouched). Returns (mean loss, gradient norm before clipping)."""
-    tc, step, T = run.tc, run.step, run.cfg.model.block_size
+    untouched). Each rank takes its slices of the global micro-batches. Returns (this rank's mean loss, the
+    global gradient norm before clipping)."""
+    tc, step, T, e = run.tc, run.step, run.cfg.model.block_size, run.env
     for g in run.optimizer.param_groups: g["lr"] = g["base_lr"] * run.schedule(step)
-    batches = [run.source.batch("train", step * tc.grad_accum + i, tc.batch_size, T, run.cfg.seed)
+    batches = [run.source.batch("train", step * tc.grad_accum + i, tc.batch_size, T, run.cfg.seed, e.rank, e.world_size)
                for i in range(tc.grad_accum)]
     loss = accumulate(run.loss_fn, batches, run.device, tc.precision)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, tc.grad_clip if tc.grad_clip else float("inf"))
+    # the gradients are already averaged over ranks (DDP) or sharded (FSDP2: the norm is a DTensor, over all shards)
+    grad_norm = full_value(torch.nn.utils.clip_grad_norm_(run.params, tc.grad_clip if tc.grad_clip else float("inf")))
+
     loss, grad_norm = torch.stack([loss, grad_norm.to(loss)]).tolist()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise _nonfinite(run, loss, grad_norm)
@@ -413,23 +484,27 @@ def train_step(run: TrainRun) -> tuple[float, float]:
 # %% ../nbs/21_train.ipynb #67dbcc49
 def log_metrics(run: TrainRun, grad_norm: float, last: bool = False):
     """After a step: a metrics.csv row when the step is a multiple of log_every, an evaluation step (a multiple of
-    eval_every, or max_steps: the row then holds the validation figures), or the `last` step of this process."""
+    eval_every, or max_steps: the row then holds the validation figures), or the `last` step of this process. The
+    training loss and the seconds are means over ranks (every rank calls this); rank 0 writes the row."""
     tc, s = run.tc, run.since
     is_eval = run.step % tc.eval_every == 0 or run.step == tc.max_steps
     if not (run.step % tc.log_every == 0 or is_eval or last): return
-    tps = s["tokens"] / max(s["t"], 1e-9)
-    row = dict(step=run.step, tokens=run.tokens, train_loss=s["loss"] / s["n"], lr=run.optimizer.param_groups[0]["lr"],
-               tokens_per_s=tps, grad_norm=grad_norm, mfu=tps * run.flops / run.peak if run.peak else None)
+    train_loss, seconds = mean_over_ranks(s["loss"] / s["n"], s["t"])
+    tps = s["tokens"] / max(seconds, 1e-9)            # the tokens of all ranks
+    mfu = tps * run.flops / (run.peak * run.env.world_size) if run.peak else None
+    row = dict(step=run.step, tokens=run.tokens, train_loss=train_loss, lr=run.optimizer.param_groups[0]["lr"],
+               tokens_per_s=tps, grad_norm=grad_norm, mfu=mfu)
     if is_eval:
         run.last_eval, run.eval_step = evaluate(run.model, run.val, run.device, tc.precision, run.accuracy), run.step
         row.update(run.last_eval)
-    run.log.write(row)
+    if run.log is not None: run.log.write(row)
     run.since = _window()
 
 def checkpoint(run: TrainRun):
-    "Save checkpoint run.step (weights, optimizer and `run.state()`), keeping trainer.keep_checkpoints; note it in run.json."
+    """Save checkpoint run.step (weights, optimizer and `run.state()`; collective: every rank writes its shard),
+    keeping trainer.keep_checkpoints; note it in run.json."""
     save_checkpoint(run.ckpt_dir, run.step, run.model, run.optimizer, run.state(), keep=run.tc.get("keep_checkpoints", 1))
-    update_run_json(run.run_dir, step=run.step)
+    if run.env.is_main: update_run_json(run.run_dir, step=run.step)
 
 # %% ../nbs/21_train.ipynb #1f1ed576
 def vs_unigram(val_loss: float, unigram: float) -> str:
@@ -453,34 +528,41 @@ def final_line(summary: dict, seconds: float, run_dir) -> str:
 # %% ../nbs/21_train.ipynb #b9cec0da
 def finish(run: TrainRun, t_start: float) -> dict:
     """After the loop: loss.png; then, if max_steps was reached, samples.txt, a last evaluation when the last step
-    had none, the summary in run.json and the closing line. Returns the summary ({'status': 'stopped'} if not)."""
-    tc, src, T = run.tc, run.source, run.cfg.model.block_size
-    plot_metrics(read_metrics(run.run_dir / "metrics.csv"), run.run_dir / "loss.png",
-                 title=f"{run.cfg.model.name} on {getattr(src, 'kind', 'data')}")
+    had none, the summary in run.json and the closing line (rank 0 writes and prints; every rank evaluates and
+    samples, as FSDP2 needs). Returns the summary ({'status': 'stopped'} if not)."""
+    tc, src, T, main = run.tc, run.source, run.cfg.model.block_size, run.env.is_main
+    if main:
+        plot_metrics(read_metrics(run.run_dir / "metrics.csv"), run.run_dir / "loss.png",
+                     title=f"{run.cfg.model.name} on {getattr(src, 'kind', 'data')}")
     if run.step < tc.max_steps:
-        update_run_json(run.run_dir, status="stopped", step=run.step)
-        print(f"smollm-train: stopped at step {run.step} of {tc.max_steps} (checkpoint saved); resume with "
-              f"trainer.resume=true and the same run directory", flush=True)
+        if main:
+            update_run_json(run.run_dir, status="stopped", step=run.step)
+            print(f"smollm-train: stopped at step {run.step} of {tc.max_steps} (checkpoint saved); resume with "
+                  f"trainer.resume=true and the same run directory", flush=True)
         return {"status": "stopped", "step": run.step}
     from smollm.data import unigram_loss
     unigram = unigram_loss(src)
-    write_samples(run.model, src, run.val, run.run_dir / "samples.txt", tc.get("samples", 3), tc.get("sample_tokens", 48), T)
+    write_samples(run.model, src, run.val, run.run_dir / "samples.txt" if main else None, tc.get("samples", 3),
+                  tc.get("sample_tokens", 48), T)
     if run.eval_step != run.step:      # e.g. a resumed run that had already finished
         run.last_eval = evaluate(run.model, run.val, run.device, tc.precision, run.accuracy)
-    steady_tokens = (run.step - run.start - 1) * run.tokens_per_step
+    steady_tokens, (steady,) = (run.step - run.start - 1) * run.tokens_per_step, mean_over_ranks(run.t_steady)
     summary = dict(status="done", step=run.step, tokens=run.tokens, params=run.model.num_params(), metric=src.metric,
                    unigram_loss=unigram, train_seconds=run.t_train,
-                   tokens_per_s=steady_tokens / run.t_steady if run.t_steady else None, **run.last_eval)
-    update_run_json(run.run_dir, **summary)
-    print(final_line(summary, time.perf_counter() - t_start, run.run_dir), flush=True)
+                   tokens_per_s=steady_tokens / steady if steady else None, **run.last_eval)
+    if main:
+        update_run_json(run.run_dir, **summary)
+        print(final_line(summary, time.perf_counter() - t_start, run.run_dir), flush=True)
     return summary
 
 # %% ../nbs/21_train.ipynb #0b4977ae
 def write_samples(model, source, val, path, n: int, new_tokens: int, max_len: int):
-    "samples.txt: greedy continuations (smollm.generate) of the first 16 tokens of a few validation windows (text only)."
+    """samples.txt at `path`: greedy continuations (smollm.generate) of the first 16 tokens of a few validation windows
+    (text only). path=None: generate without writing (the ranks other than 0, whose forward passes FSDP2 needs)."""
     if not n: return
     if source.tokenizer is None:
-        Path(path).write_text(f"data={getattr(source, 'kind', 'this source')} has no text to sample; see val_acc in metrics.csv\n")
+        if path is not None:
+            Path(path).write_text(f"data={getattr(source, 'kind', 'this source')} has no text to sample; see val_acc in metrics.csv\n")
         return
     from smollm.generate import generate   # one way: generate imports nothing of train
     x, out = val[0][0], []
@@ -490,20 +572,21 @@ def write_samples(model, source, val, path, n: int, new_tokens: int, max_len: in
         ids = generate(model, prompt, min(new_tokens, max_len - prompt_len), eos_id=source.eos_id)[0, prompt_len:]
         out.append(f"--- sample {i + 1}: prompt ---\n{source.decode(prompt[0].tolist())}\n--- continuation ---\n"
                    f"{source.decode(ids.tolist())}\n")
-    Path(path).write_text("\n".join(out))
+    if path is not None: Path(path).write_text("\n".join(out))
 
 # %% ../nbs/21_train.ipynb #7a7a38bf
 def train(cfg: DictConfig, run_dir=None, source=None, stop_at: int | None = None) -> dict:
     """Train the model of a composed config `cfg` (see `smollm.config.compose`), writing into `run_dir` (default: the
     current folder). source: a data source to use instead of `build_data(cfg.data)`; stop_at: stop after that step
-    (with a checkpoint). Returns the summary that also goes to run.json."""
+    (with a checkpoint). Returns the summary that also goes to run.json. Under torchrun every rank calls it."""
     t_start = time.perf_counter()
     run = set_up(cfg, run_dir, source)
     resume(run)
     open_run(run)
     tc = run.tc
     end = min(tc.max_steps, stop_at or tc.max_steps)
-    bar = progress_bar(total=tc.max_steps, initial=run.start, desc="train", enabled=tc.get("progress", True))
+    bar = progress_bar(total=tc.max_steps, initial=run.start, desc="train",
+                       enabled=tc.get("progress", True) and run.env.is_main)
     try:
         while run.step < end:
             t0 = time.perf_counter()
@@ -516,16 +599,29 @@ def train(cfg: DictConfig, run_dir=None, source=None, stop_at: int | None = None
             if run.step % tc.ckpt_every == 0 or run.step == end:
                 checkpoint(run)
     except BaseException as e:
-        update_run_json(run.run_dir, status="failed" if isinstance(e, Exception) else "interrupted",
-                        error=f"{type(e).__name__}: {e}", step=run.step)
+        if run.env.is_main:
+            update_run_json(run.run_dir, status="failed" if isinstance(e, Exception) else "interrupted",
+                            error=f"{type(e).__name__}: {e}", step=run.step)
         raise
     finally:
-        bar.close(); run.log.close()
+        bar.close()
+        if run.log is not None: run.log.close()
+
     return finish(run, t_start)
 
 # %% ../nbs/21_train.ipynb #b61bac57
+def _private_hydra_dir() -> str | None:
+    """On a rank other than 0 (torchrun's RANK), a temporary folder for Hydra's own files, passed to Hydra on the
+    command line, so that rank 0 alone writes the run folder (set_up gives every rank rank 0's); None on rank 0."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0: return None
+    tmp = tempfile.mkdtemp(prefix=f"smollm-train-rank{rank}-")
+    sys.argv += [f"hydra.run.dir={tmp}", f"hydra.sweep.dir={tmp}", "hydra.output_subdir=null"]   # the last ones win
+    return tmp
+
 def main():
-    "Console script `smollm-train`: Hydra main over conf/train.yaml; overrides as arguments."
+    """Console script `smollm-train` (also `python -m smollm.train`, and either under torchrun): Hydra main over
+    conf/train.yaml; overrides as arguments."""
     import hydra
 
     @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
@@ -538,9 +634,19 @@ def main():
             validate(cfg)
             train(cfg, hc.runtime.output_dir)
         except (ConfigError, DataError) as e:   # bad input: the message says it all, no stack trace
-            sys.exit(f"smollm-train: {type(e).__name__}: {e}")
+            rank = int(os.environ.get("RANK", "0"))
+            sys.exit(f"smollm-train{f' (rank {rank})' if rank else ''}: {type(e).__name__}: {e}")
         except TrainingError as e:
             if hc.mode != RunMode.MULTIRUN: raise
             print(f"smollm-train: job {hc.job.num} failed, the sweep goes on: {e}", file=sys.stderr, flush=True)
 
-    _main()
+    private = _private_hydra_dir()
+    try:
+        _main()
+    finally:
+        close()
+        if private: shutil.rmtree(private, ignore_errors=True)
+
+# %% ../nbs/21_train.ipynb #d13e01e2
+if __name__ == "__main__":   # python -m smollm.train (the notebook does not run this cell)
+    main()
