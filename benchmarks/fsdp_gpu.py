@@ -7,7 +7,7 @@ datasheet peak), and peak memory, beside the anchor: TinyLlama reports 24k token
 (Zhang et al., 2024); the goal on one H200 is 60k tokens/s.
 
     python benchmarks/fsdp_gpu.py                   # the GPU run: re-launches itself under torchrun (one process)
-    python benchmarks/fsdp_gpu.py --batch 16 --ac   # activation checkpointing in every block, a larger micro-batch
+    python benchmarks/fsdp_gpu.py --batch 32 --ac   # activation checkpointing in every block, a larger micro-batch
     python benchmarks/fsdp_gpu.py --quick           # the same path on a CPU at tiny size (gloo, fp32), for CI
 
 tokens/s is the median over the metrics.csv windows after the first (the first holds the one-off costs: CUDA
@@ -29,16 +29,17 @@ from pathlib import Path
 
 ANCHOR_TOKENS_PER_S, ANCHOR_MFU = 24_000, 0.56      # TinyLlama, per A100-40G (its README's throughput table)
 GOAL_TOKENS_PER_S = 60_000                          # one H200, this project's goal
+ARGV = "SMOLLM_FSDP_GPU_ARGV"                       # this script's arguments, handed to its torchrun processes
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU, model=tiny, a few steps: checks the path, times nothing")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default 40; --quick 6)")
-    p.add_argument("--batch", type=int, default=None, help="sequences per step and GPU (default 8; --quick 4)")
+    p.add_argument("--batch", type=int, default=None, help="sequences per step and GPU (default 16; --quick 4)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default 2048; --quick 64)")
     p.add_argument("--ac", action="store_true", help="trainer.activation_checkpointing=true")
-    p.add_argument("--compile", action="store_true", help="trainer.compile=true")
+    p.add_argument("--compile", action="store_true", help="trainer.compile_blocks=true (torch.compile each block)")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) for torchrun --nproc_per_node")
     p.add_argument("--timeout", type=float, default=420, help="seconds before the torchrun launch is stopped")
     p.add_argument("--out", default=None, help="the run folder (default: a temporary one, removed at the end)")
@@ -46,7 +47,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", help="more smollm-train overrides, e.g. model.kernels=torch")
     a = p.parse_args(argv)
     a.steps = a.steps or (6 if a.quick else 40)
-    a.batch = a.batch or (4 if a.quick else 8)
+    a.batch = a.batch or (4 if a.quick else 16)
     a.seq = a.seq or (64 if a.quick else 2048)
     return a
 
@@ -57,7 +58,7 @@ def overrides(a: argparse.Namespace) -> list[str]:
             ["model=tinyllama_1b", "trainer=gpu", "data.vocab_size=32000", "data.num_kv_pairs=64"])
     every = max(1, a.steps // 8)
     return [*size, "data=mqar", f"model.block_size={a.seq}", "trainer.parallel=fsdp",
-            f"trainer.activation_checkpointing={str(a.ac).lower()}", f"trainer.compile={str(a.compile).lower()}",
+            f"trainer.activation_checkpointing={str(a.ac).lower()}", f"trainer.compile_blocks={str(a.compile).lower()}",
             f"trainer.batch_size={a.batch}", f"trainer.max_steps={a.steps}", f"trainer.log_every={every}",
             f"trainer.eval_every={a.steps}", "trainer.eval_batches=1", f"trainer.ckpt_every={a.steps}",
             "trainer.samples=0", "trainer.progress=false", "optim.lr=4e-4", f"schedule.warmup_steps={min(10, a.steps)}",
@@ -68,10 +69,11 @@ def launch(a: argparse.Namespace, argv: list[str]) -> int:
     "Run this script again under torchrun (--standalone, a.nproc processes) in a run folder they share."
     out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="smollm-fsdp-"))
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun if torchrun.exists() else "torchrun"), "--standalone", f"--nproc_per_node={a.nproc}",
-           __file__, *argv, "--out", str(out)]
+    cmd = [str(torchrun if torchrun.exists() else "torchrun"), "--standalone", f"--nproc_per_node={a.nproc}", __file__]
+    # The arguments travel in the environment: torchrun's own parser would take --nproc for an abbreviation of its own.
+    env = {**os.environ, ARGV: json.dumps([*argv, "--out", str(out)])}
     try:
-        return subprocess.run(cmd, timeout=a.timeout).returncode
+        return subprocess.run(cmd, env=env, timeout=a.timeout).returncode
     except subprocess.TimeoutExpired:
         print(f"fsdp_gpu: stopped after --timeout {a.timeout:.0f} s", file=sys.stderr)
         return 124
@@ -144,10 +146,11 @@ def run(a: argparse.Namespace):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    argv = json.loads(os.environ[ARGV]) if ARGV in os.environ else sys.argv[1:] if argv is None else argv
     a = parse(argv)
     if "LOCAL_RANK" not in os.environ:          # not under torchrun yet
         sys.exit(launch(a, argv))
+    if a.out is None: sys.exit("fsdp_gpu: under torchrun, give every rank the same --out folder")
     run(a)
 
 
