@@ -67,16 +67,24 @@ def max_differences(a, b):
 
 # --- the same numbers as one process ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one_with_the_same_global_batch(parallel, reference, cache, tmp_path):
-    "DDP through `python -m smollm.train`, FSDP2 through the console script: losses and final weights within 1e-5."
+@pytest.mark.parametrize("parallel,extra", [
+    ("ddp", []), ("fsdp", []),
+    pytest.param("fsdp", ["trainer.activation_checkpointing=true", "trainer.compile_blocks=aot_eager"],
+                 marks=pytest.mark.slow)],   # tracing the blocks in two processes is slow on a shared CPU
+    ids=["ddp", "fsdp", "fsdp-checkpointed-compiled-blocks"])
+
+def test_two_processes_match_one_with_the_same_global_batch(parallel, extra, reference, cache, tmp_path):
+    """DDP through `python -m smollm.train`, FSDP2 through the console script (also with activation checkpointing
+    and compiled blocks): losses and final weights within 1e-5 of one process's."""
     entry = ["-m", "smollm.train"] if parallel == "ddp" else [str(BIN / "smollm-train")]
-    p = launch(TORCHRUN + entry + overrides(cache, f"trainer.parallel={parallel}", f"hydra.run.dir={tmp_path / 'run'}"),
-               tmp_path)
+    p = launch(TORCHRUN + entry + overrides(cache, f"trainer.parallel={parallel}", *extra,
+                                            f"hydra.run.dir={tmp_path / 'run'}"), tmp_path)
+
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"on 2 process(es) ({parallel} over gloo, cpu; 2 sequences x 2 micro-batch(es) per process)" in p.stdout
     dl, dw = max_differences(reference, tmp_path / "run")
-    print(f"{parallel}: max |loss difference| {dl:.2g}, max |weight difference| {dw:.2g}")
+    print(f"{parallel} {' '.join(extra)}: max |loss difference| {dl:.2g}, max |weight difference| {dw:.2g}")
+
     assert dl <= TOL and dw <= TOL, (dl, dw)
     assert read_run_json(tmp_path / "run")["world_size"] == 2
 
@@ -118,6 +126,17 @@ def test_fsdp_outside_torchrun_runs_as_world_size_one_and_says_so(reference, cac
     assert "trainer.parallel=fsdp outside torchrun: running as world size 1" in capsys.readouterr().out
     dl, dw = max_differences(reference, tmp_path / "run")
     assert dl <= 1e-6 and dw <= 1e-6, (dl, dw)
+
+
+def test_checkpointed_and_compiled_blocks_keep_the_losses(reference, cache, tmp_path):
+    "trainer.activation_checkpointing and trainer.compile_blocks (aot_eager: traced, no code generated), on FSDP2 shards."
+    try:
+        train(compose(overrides(cache, "trainer.parallel=fsdp", "trainer.activation_checkpointing=true",
+                                "trainer.compile_blocks=aot_eager")), tmp_path / "run")
+    finally:
+        close()
+    dl, dw = max_differences(reference, tmp_path / "run")
+    assert dl <= TOL and dw <= TOL, (dl, dw)
 
 
 # --- faults -------------------------------------------------------------------------------------------------
