@@ -81,16 +81,19 @@ def launch(a: argparse.Namespace, argv: list[str]) -> int:
         if not a.out and not a.keep: shutil.rmtree(out, ignore_errors=True)
 
 
-def matmul_flops(device, dtype, n: int, reps: int = 20) -> float:
-    "FLOP/s of an n x n x n matmul in `dtype` on `device`: the best this device does, measured here and now."
+def matmul_flops(device, dtype, n: int, reps: int = 20, rounds: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` on `device`, the best of `rounds` rounds of `reps`: what this device
+    does at best, measured here and now (after a warm-up, so that the clocks have risen)."""
     import torch
     x, w = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3): x @ w
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync(); t0 = time.perf_counter()
     for _ in range(reps): x @ w
-    sync()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    best = float("inf")
+    for _ in range(rounds):
+        sync(); t0 = time.perf_counter()
+        for _ in range(reps): x @ w
+        sync(); best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 * reps / best
 
 
 def peak_memory(device) -> str:
@@ -142,7 +145,7 @@ def run(a: argparse.Namespace):
     print(f"| peak memory | {memory} | 40 GiB card | 141 GB card |")
     print(f"| train loss, first and last window | {losses[0]:.3f} -> {losses[-1]:.3f} | | |")
     print(f"(tokens/s: median of {len(windows)} windows of {cfg.trainer.log_every} steps after the first; "
-          f"{flops / 1e9:.2f} GFLOP per token: smollm.train.flops_per_token)")
+          f"{flops / 1e9:.3g} GFLOP per token: smollm.train.flops_per_token)")
 
 
 def main(argv=None):
