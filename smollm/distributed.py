@@ -72,8 +72,10 @@ def init(env: DistEnv, timeout_s: float = 600.0) -> None:
     if dist.is_initialized(): return
     if env.device.type == "cuda":
         if env.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"trainer.device=cuda with {env.local_rank + 1} or more processes on this node, which has "
-                              f"{torch.cuda.device_count()} GPU(s): launch at most one process per GPU (--nproc_per_node)")
+            n = torch.cuda.device_count()
+            raise ConfigError(f"trainer.device=cuda: this node has {n} GPU(s) but torchrun started a process of local "
+                              f"rank {env.local_rank}: launch one process per GPU at most (--nproc_per_node={n})")
+
         torch.cuda.set_device(env.device)
     kw = dict(backend=env.backend, timeout=timedelta(seconds=timeout_s))
     if env.launched: dist.init_process_group(**kw)

@@ -118,7 +118,33 @@ def test_muon_runs_under_both_strategies(parallel, cache, tmp_path):
     assert dl <= 1e-3 and dw <= 1e-2, (dl, dw)
 
 
-def test_fsdp_outside_torchrun_runs_as_world_size_one_and_says_so(reference, cache, tmp_path, capsys):
+MUON_STEP = '''
+import torch, torch.distributed as dist
+from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+dist.init_process_group("gloo")
+mesh, g = init_device_mesh("cpu", (2,)), torch.randn(128, 64, generator=torch.Generator().manual_seed(0))
+def step(p, grad):
+    opt = torch.optim.Muon([p], lr=0.1, weight_decay=0.0); p.grad = grad; opt.step(); return p.detach()
+full = step(torch.nn.Parameter(torch.zeros(128, 64)), g.clone())
+sharded = step(torch.nn.Parameter(distribute_tensor(torch.zeros(128, 64), mesh, [Shard(0)])),
+               distribute_tensor(g.clone(), mesh, [Shard(0)])).full_tensor()
+halves = torch.cat([step(torch.nn.Parameter(torch.zeros_like(h)), h.clone()) for h in g.chunk(2)])
+if dist.get_rank() == 0: print("DIFF", (sharded - full).abs().max().item(), (halves - full).abs().max().item())
+dist.destroy_process_group()
+'''
+
+
+def test_muon_on_fsdp_shards_steps_the_whole_matrix(tmp_path):
+    "One Muon step on a DTensor sharded over 2 ranks is the step of the whole matrix, not of each shard."
+    (tmp_path / "muon_step.py").write_text(MUON_STEP)
+    p = launch(TORCHRUN + [str(tmp_path / "muon_step.py")], tmp_path, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    sharded, per_shard = map(float, p.stdout.split("DIFF")[1].split())
+    assert sharded < per_shard / 4, (sharded, per_shard)   # bf16 iterations: not exact, far from per-shard
+
+
+def test_fsdp_outside_torchrun_runs_as_world_size_one_and_says_so(
+reference, cache, tmp_path, capsys):
     try:
         train(compose(overrides(cache, "trainer.parallel=fsdp")), tmp_path / "run")
     finally:
