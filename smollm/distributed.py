@@ -36,13 +36,14 @@ class DistEnv:
     def is_main(self) -> bool: return self.rank == 0
 
 def read_env(device: torch.device = torch.device("cpu"), environ=None) -> DistEnv:
-    """The `DistEnv` of this process from torchrun's variables in `environ` (default: os.environ): on CUDA, under
-    torchrun, the GPU of its local rank; gloo for the CPU, nccl for CUDA."""
+    """The `DistEnv` of this process from torchrun's variables in `environ` (default: os.environ): on CUDA, the GPU
+    of its local rank (under torchrun, or when `device` names no GPU); gloo for the CPU, nccl for CUDA."""
     environ = os.environ if environ is None else environ
     launched = all(k in environ for k in TORCHRUN_VARS)
     rank, local_rank, world_size = (int(environ[k]) for k in TORCHRUN_VARS) if launched else (0, 0, 1)
     cuda = device.type == "cuda"
-    if cuda and launched: device = torch.device("cuda", local_rank)
+    if cuda and (launched or device.index is None): device = torch.device("cuda", local_rank)
+
     return DistEnv(rank, local_rank, world_size, device, "nccl" if cuda else "gloo", launched)
 
 # %% ../nbs/40_distributed.ipynb #1f5dd8ed
