@@ -157,6 +157,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'smollm.distributed.close': ('distributed.html#close', 'smollm/distributed.py'),
                                     'smollm.distributed.compile_each_block': ( 'distributed.html#compile_each_block',
                                                                                'smollm/distributed.py'),
+                                    'smollm.distributed.from_slurm': ('distributed.html#from_slurm', 'smollm/distributed.py'),
                                     'smollm.distributed.full_value': ('distributed.html#full_value', 'smollm/distributed.py'),
                                     'smollm.distributed.grad_sync': ('distributed.html#grad_sync', 'smollm/distributed.py'),
                                     'smollm.distributed.init': ('distributed.html#init', 'smollm/distributed.py'),

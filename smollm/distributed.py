@@ -14,9 +14,9 @@ from .config import ConfigError
 from .errors import check
 
 # %% auto #0
-__all__ = ['TORCHRUN_VARS', 'STRATEGIES', 'DistEnv', 'read_env', 'choose_strategy', 'init', 'close', 'is_main', 'print0',
-           'broadcast', 'sum_over_ranks', 'mean_over_ranks', 'Loss', 'checkpoint_each_block', 'compile_each_block',
-           'shard', 'wrap', 'grad_sync', 'full_value']
+__all__ = ['TORCHRUN_VARS', 'STRATEGIES', 'DistEnv', 'read_env', 'from_slurm', 'choose_strategy', 'init', 'close', 'is_main',
+           'print0', 'broadcast', 'sum_over_ranks', 'mean_over_ranks', 'Loss', 'checkpoint_each_block',
+           'compile_each_block', 'shard', 'wrap', 'grad_sync', 'full_value']
 
 # %% ../nbs/40_distributed.ipynb #3d373227
 TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -36,15 +36,37 @@ class DistEnv:
     def is_main(self) -> bool: return self.rank == 0
 
 def read_env(device: torch.device = torch.device("cpu"), environ=None) -> DistEnv:
-    """The `DistEnv` of this process from torchrun's variables in `environ` (default: os.environ): on CUDA, the GPU
-    of its local rank (under torchrun, or when `device` names no GPU); gloo for the CPU, nccl for CUDA."""
-    environ = os.environ if environ is None else environ
+    """The `DistEnv` of this process from torchrun's variables in `environ` (default: os.environ, after
+    `from_slurm`): on CUDA, the GPU of its local rank (under torchrun, or when `device` names no GPU); gloo for
+    the CPU, nccl for CUDA."""
+    if environ is None:
+        from_slurm()                         # srun's tasks of a SLURM job get torchrun's variables
+        environ = os.environ
     launched = all(k in environ for k in TORCHRUN_VARS)
     rank, local_rank, world_size = (int(environ[k]) for k in TORCHRUN_VARS) if launched else (0, 0, 1)
     cuda = device.type == "cuda"
     if cuda and (launched or device.index is None): device = torch.device("cuda", local_rank)
 
     return DistEnv(rank, local_rank, world_size, device, "nccl" if cuda else "gloo", launched)
+
+# %% ../nbs/40_distributed.ipynb #8cabd430
+def from_slurm(environ=None) -> bool:
+    """In a submitit SLURM job of several tasks that torchrun did not start, write torchrun's variables (RANK,
+    WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM's into `environ` (default: os.environ), through
+    submitit (the `launchers` extra). Returns whether it did."""
+    environ = os.environ if environ is None else environ
+    if (any(k in environ for k in TORCHRUN_VARS) or environ.get("SUBMITIT_EXECUTOR") != "slurm"
+            or int(environ.get("SLURM_NTASKS", "1")) < 2):
+        return False
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError:
+        raise ImportError("a SLURM job of several tasks needs submitit to set up torch.distributed: "
+                          "pip install 'smollm[launchers]'") from None
+    t = TorchDistributedEnvironment()      # reads SLURM's variables from os.environ
+    environ.update(RANK=str(t.rank), WORLD_SIZE=str(t.world_size), LOCAL_RANK=str(t.local_rank),
+                   LOCAL_WORLD_SIZE=str(t.local_world_size), MASTER_ADDR=t.master_addr, MASTER_PORT=str(t.master_port))
+    return True
 
 # %% ../nbs/40_distributed.ipynb #1f5dd8ed
 STRATEGIES = ("none", "ddp", "fsdp")
