@@ -100,3 +100,29 @@ def test_local_launcher_jobs_share_the_cores():
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.strip() == str([max(1, joblib.cpu_count() // n_jobs)] * n_jobs)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_slurm_job_of_two_tasks_trains_as_one_world(tmp_path):
+    # What srun does in the job that slurm.yaml writes, without a cluster: two tasks of one job, each the same
+    # smollm-train with SLURM's variables and no torchrun's; smollm.distributed makes them ranks 0 and 1 of one world.
+    slurm = dict(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_NODEID="0",
+                 SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(_free_port()),
+                 OMP_NUM_THREADS="1")
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    run = tmp_path / "run"
+    tasks = [subprocess.Popen([str(BIN / "smollm-train"), *SWEEP, "trainer.parallel=ddp", f"hydra.run.dir={run}"],
+                              cwd=tmp_path, env={**base, **slurm, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    outs = [t.communicate(timeout=120)[0] for t in tasks]
+    assert [t.returncode for t in tasks] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    import json
+    info = json.loads((run / "run.json").read_text())
+    assert (info["status"], info["parallel"], info["world_size"]) == ("done", "ddp", 2)
+    assert "on 2 process(es) (ddp over gloo" in outs[0] and "smollm-train: tiny" not in outs[1]   # rank 0 speaks
