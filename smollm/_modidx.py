@@ -609,6 +609,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'smollm.train.accumulate': ('train.html#accumulate', 'smollm/train.py'),
                               'smollm.train.adamw': ('train.html#adamw', 'smollm/train.py'),
                               'smollm.train.autocast': ('train.html#autocast', 'smollm/train.py'),
+                              'smollm.train.check_launcher': ('train.html#check_launcher', 'smollm/train.py'),
                               'smollm.train.checkpoint': ('train.html#checkpoint', 'smollm/train.py'),
                               'smollm.train.decay_groups': ('train.html#decay_groups', 'smollm/train.py'),
                               'smollm.train.evaluate': ('train.html#evaluate', 'smollm/train.py'),

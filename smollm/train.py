@@ -24,10 +24,10 @@ from .runs import (METRIC_COLUMNS, MetricsLog, latest_checkpoint, load_checkpoin
                          save_tokenizer, set_rng_state, update_run_json)
 
 # %% auto #0
-__all__ = ['PEAK_FLOPS', 'decay_groups', 'adamw', 'Optimizers', 'muon', 'Cosine', 'WSD', 'Constant', 'flops_per_token',
-           'peak_flops', 'autocast', 'accumulate', 'evaluate', 'plot_metrics', 'TrainRun', 'per_rank_batch', 'set_up',
-           'resume', 'open_run', 'TrainingError', 'train_step', 'log_metrics', 'checkpoint', 'vs_unigram', 'final_line',
-           'finish', 'write_samples', 'train', 'main']
+__all__ = ['PEAK_FLOPS', 'LAUNCHER_PLUGINS', 'decay_groups', 'adamw', 'Optimizers', 'muon', 'Cosine', 'WSD', 'Constant',
+           'flops_per_token', 'peak_flops', 'autocast', 'accumulate', 'evaluate', 'plot_metrics', 'TrainRun',
+           'per_rank_batch', 'set_up', 'resume', 'open_run', 'TrainingError', 'train_step', 'log_metrics', 'checkpoint',
+           'vs_unigram', 'final_line', 'finish', 'write_samples', 'train', 'check_launcher', 'main']
 
 # %% ../nbs/21_train.ipynb #82800202
 def _table_params(model: nn.Module) -> set[int]:
@@ -609,6 +609,24 @@ def train(cfg: DictConfig, run_dir=None, source=None, stop_at: int | None = None
 
     return finish(run, t_start)
 
+# %% ../nbs/21_train.ipynb #3934e1e3
+# the Hydra plugin that each option of conf/hydra/launcher needs (both come with the `launchers` extra)
+LAUNCHER_PLUGINS = {"local": "hydra_plugins.hydra_joblib_launcher", "slurm": "hydra_plugins.hydra_submitit_launcher"}
+
+def check_launcher(argv: list[str]) -> None:
+    "Exit with one line naming the extra when the overrides `argv` pick a launcher whose Hydra plugin is missing."
+    import importlib.util
+    for arg in argv:
+        name = arg.partition("=")[2] if arg.startswith("hydra/launcher=") else None
+        module = LAUNCHER_PLUGINS.get(name)
+        try:
+            found = module is None or importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:      # not even the hydra_plugins namespace
+            found = False
+        if not found:
+            sys.exit(f"smollm-train: hydra/launcher={name} needs the Hydra plugin {module.split('.')[-1]}, "
+                     "which is not installed: pip install 'smollm[launchers]'")
+
 # %% ../nbs/21_train.ipynb #b61bac57
 def _private_hydra_dir() -> str | None:
     """On a rank other than 0 (torchrun's RANK), a temporary folder for Hydra's own files, passed to Hydra on the
@@ -623,6 +641,7 @@ def main():
     """Console script `smollm-train` (also `python -m smollm.train`, and either under torchrun): Hydra main over
     conf/train.yaml; overrides as arguments."""
     import hydra
+    check_launcher(sys.argv[1:])
 
     @hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")
     def _main(cfg: DictConfig):

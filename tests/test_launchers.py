@@ -126,3 +126,16 @@ def test_a_slurm_job_of_two_tasks_trains_as_one_world(tmp_path):
     info = json.loads((run / "run.json").read_text())
     assert (info["status"], info["parallel"], info["world_size"]) == ("done", "ddp", 2)
     assert "on 2 process(es) (ddp over gloo" in outs[0] and "smollm-train: tiny" not in outs[1]   # rank 0 speaks
+
+
+def test_a_missing_launcher_plugin_names_the_extra(monkeypatch, capsys):
+    # smollm-train with hydra/launcher=local but no hydra-joblib-launcher: one line naming the extra, no traceback
+    import importlib.util
+    import smollm.train as st
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == st.LAUNCHER_PLUGINS["local"] else real(name, *a))
+    monkeypatch.setattr(sys, "argv", ["smollm-train", "-m", "hydra/launcher=local", "seed=0,1"])
+    with pytest.raises(SystemExit) as e:
+        st.main()
+    assert "hydra/launcher=local" in str(e.value) and "pip install 'smollm[launchers]'" in str(e.value)
