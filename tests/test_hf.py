@@ -138,6 +138,8 @@ TO_HF_CASES = {
     "mistral": (["model/attention=sliding_window", "model.attention.window=8"], "mistral"),
     "qwen2": (["model.attention.qkv_bias=true"], "qwen2"),
     "qwen2_pattern": (["++model.attention.window=8", "model.layer_pattern=SG"], "qwen2"),
+    "qwen3": (["model/attention=qk_norm", "model.head_dim=32"], "qwen3"),
+    "qwen3_pattern": (["model/attention=qk_norm", "++model.attention.window=8", "model.layer_pattern=SG"], "qwen3"),
 }
 
 
@@ -189,7 +191,7 @@ NO_HF = {   # overrides -> the component the error must name
     "model/positional=t5": "positional: T5Bias",
     "model/mlp=gelu": "mlp: GELUMLP",
     "model/attention=mla": "attn: MLA",
-    "model/attention=qk_norm": "attn.qk_norm",
+    "model/attention=qk_norm model.attention.qkv_bias=true": "attention: qk_norm with qkv_bias",
     "model/attention=softcap": "attn.softcap",
     "model/attention=sinks": "attn.sinks",
     "model.placement=post": "placement='post'",
@@ -200,7 +202,7 @@ NO_HF = {   # overrides -> the component the error must name
 
 @pytest.mark.parametrize("override", list(NO_HF))
 def test_to_hf_refuses(tmp_path, override):
-    model = build_model(compose(BASE + [override]).model)
+    model = build_model(compose(BASE + override.split()).model)
     with pytest.raises(CheckpointError, match="has no Hugging Face equivalent") as e:
         to_hf(model, tmp_path)
     assert NO_HF[override] in str(e.value)
