@@ -11,8 +11,8 @@ import torch.nn as nn
 from .config import ConfigError
 
 # %% auto #0
-__all__ = ['LoraSettings', 'settings', 'adaptable', 'resolve_targets', 'is_lora', 'for_training', 'merge', 'adapter_state',
-           'load_adapter_state', 'run_settings', 'check_base']
+__all__ = ['LoraSettings', 'settings', 'adaptable', 'resolve_targets', 'is_lora', 'base_fingerprint', 'same_base', 'for_training',
+           'merge', 'adapter_state', 'load_adapter_state', 'run_settings', 'check_base']
 
 # %% ../nbs/26_lora.ipynb #9cbfbc3c
 @dataclass(frozen=True)
@@ -119,11 +119,26 @@ def is_lora(model: nn.Module) -> bool:
     "Whether `model` (or a module inside it, e.g. under a DDP wrapper) carries a peft LoRA adapter."
     return bool(_lora_layers(model))
 
+# %% ../nbs/26_lora.ipynb #e13df934
+def base_fingerprint(model: nn.Module) -> tuple[float, float]:
+    "(sum of squares, sum of magnitudes) of `model`'s weights, in float64: which base an adapter belongs to."
+    sq = ab = 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            p = p.detach().double()
+            sq, ab = sq + p.square().sum().item(), ab + p.abs().sum().item()
+    return sq, ab
+
+def same_base(a, b, rtol: float = 1e-9) -> bool:
+    "Whether two base fingerprints agree, within float64 summation error (another device sums in another order)."
+    return all(abs(x - y) <= rtol * max(abs(x), abs(y), 1e-30) for x, y in zip(a, b, strict=True))
+
 # %% ../nbs/26_lora.ipynb #e6ea82f8
 def for_training(model: nn.Module, lora_cfg) -> nn.Module:
     """`model` with a LoRA adapter on the modules `lora_cfg.targets` names (see `settings`), in place, only the
-    adapter trainable; `model` unchanged when `lora_cfg` asks for no LoRA. ConfigError for a target that cannot
-    take an adapter, or a model that has one already; ImportError naming `pip install 'smollm[lora]'` without peft."""
+    adapter trainable, the base's fingerprint in `model.lora_base_fingerprint`; `model` unchanged when `lora_cfg`
+    asks for no LoRA. ConfigError for a target that cannot take an adapter, or a model that has one already;
+    ImportError naming `pip install 'smollm[lora]'` without peft."""
     s = settings(lora_cfg)
     if s is None: return model
     if is_lora(model):
@@ -131,6 +146,7 @@ def for_training(model: nn.Module, lora_cfg) -> nn.Module:
                           "(smollm.lora.merge) to train a second one on top")
     peft = _peft()
     names = resolve_targets(model, s.targets)
+    fingerprint = base_fingerprint(model)
     config = peft.LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=names, bias="none")
     try:
         peft.inject_adapter_in_model(config, model)
@@ -140,6 +156,7 @@ def for_training(model: nn.Module, lora_cfg) -> nn.Module:
     cast_adapter_dtype(model, "default", autocast_adapter_dtype=True)
     for _, layer in _lora_layers(model):
         layer.lora_A.family = layer.lora_B.family = "lora"   # Transformer.param_counts counts them apart
+    model.lora_base_fingerprint = fingerprint
     return model
 
 # %% ../nbs/26_lora.ipynb #157677c8
@@ -153,7 +170,8 @@ def merge(model: nn.Module) -> nn.Module:
         layer.merge(safe_merge=True)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer.get_base_layer())
-    model.__dict__.pop("peft_config", None)          # peft's note of the adapter's config, on the model
+    for note in ("peft_config", "lora_base_fingerprint"):   # peft's note of the adapter's config, and ours of the base
+        model.__dict__.pop(note, None)
     for p in model.parameters(): p.requires_grad_(True)
     return model
 

@@ -156,20 +156,38 @@ def _optimizer_list(optimizer) -> list:
     "The torch optimizers behind `optimizer`: itself, or the `.optimizers` of several stepped as one (smollm.train.Optimizers)."
     return list(getattr(optimizer, "optimizers", [optimizer]))
 
+def _adapter_only(model) -> bool:
+    "Whether `model`'s checkpoints hold its trainable tensors alone: a LoRA model (smollm.lora), whose base is frozen."
+    from smollm.lora import is_lora
+    return is_lora(model)
+
+def _noted_fingerprint(model) -> tuple[float, float] | None:
+    "The fingerprint of the base smollm.lora.for_training noted on `model` (or a module inside a wrapper), if any."
+    return next((m.lora_base_fingerprint for m in model.modules() if hasattr(m, "lora_base_fingerprint")), None)
+
+def _options(model, load: bool = False):
+    """The StateDictOptions for `model`: a LoRA model's state is its adapter (the frozen base is left out, and not
+    asked for on `load`); any other model's is every tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    adapter = _adapter_only(model)
+    return StateDictOptions(ignore_frozen_params=adapter, strict=not (adapter and load))
+
 def _distributed_state(model, optimizer=None) -> dict:
     """{'model': ..., 'optimizer': ...} (no 'optimizer' when `optimizer` is None) as
     torch.distributed.checkpoint.state_dict gives them: the same keys for a plain, DDP or FSDP2 model, FSDP2's
-    tensors sharded. DCP saves this dict, and loads into it in place."""
+    tensors sharded; a LoRA model's adapter alone. DCP saves this dict, and loads into it in place."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
-    if optimizer is None: return {"model": get_model_state_dict(model)}
-    m, o = get_state_dict(model, _optimizer_list(optimizer))
+    if optimizer is None: return {"model": get_model_state_dict(model, options=_options(model))}
+    m, o = get_state_dict(model, _optimizer_list(optimizer), options=_options(model))
     return {"model": m, "optimizer": o}
 
 def _set_distributed_state(model, optimizer, sd: dict):
     "Put the tensors of `sd` (a dict of `_distributed_state`, loaded by DCP) back into `model` and `optimizer`."
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-    if optimizer is None: set_model_state_dict(model, sd["model"])
-    else: set_state_dict(model, _optimizer_list(optimizer), model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+    opts = _options(model, load=True)
+    if optimizer is None: set_model_state_dict(model, sd["model"], options=opts)
+    else: set_state_dict(model, _optimizer_list(optimizer), model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
+                         options=opts)
 
 # %% ../nbs/09_runs.ipynb #be0e9563
 def _start_folder(tmp: Path, state: dict):
@@ -188,10 +206,11 @@ def _publish(ckpt_dir: Path, final: Path, tmp: Path | None, keep: int):
 
 # %% ../nbs/09_runs.ipynb #9611ccf2
 def save_checkpoint(ckpt_dir, step: int, model, optimizer, state: dict, keep: int = 1) -> Path:
-    """Write checkpoint `step` into ckpt_dir/step_<step>/ atomically: `model` and `optimizer` (a torch optimizer, or
-    smollm.train.Optimizers) sharded with torch.distributed.checkpoint, and `state` (plain data and tensors; its
-    'rng' is this rank's) once in state.pt, with every rank's 'rng'. Then point ckpt_dir/latest at it and keep the
-    last `keep` checkpoints. With torch.distributed initialised it is collective: every rank calls it."""
+    """Write checkpoint `step` into ckpt_dir/step_<step>/ atomically: `model` (a LoRA model: its adapter alone) and
+    `optimizer` (a torch optimizer, or smollm.train.Optimizers) sharded with torch.distributed.checkpoint, and
+    `state` (plain data and tensors; its 'rng' is this rank's) once in state.pt, with every rank's 'rng', 'adapter_only' and
+    (a LoRA model) 'base_fingerprint'. Then point ckpt_dir/latest at it and keep the last `keep` checkpoints. With torch.distributed
+    initialised it is collective: every rank calls it."""
     import torch.distributed.checkpoint as dcp
     world = _rank_world()[1]
     ckpt_dir = Path(ckpt_dir)
@@ -199,7 +218,9 @@ def save_checkpoint(ckpt_dir, step: int, model, optimizer, state: dict, keep: in
     write = not _gather(final.exists())[0]   # rank 0's view; the same step saved twice (periodic, then final) is the same data
     if write:
         rngs = {"rng": _gather(state["rng"])} if "rng" in state else {}
-        _on_rank_0(f"writing {tmp / 'state.pt'}", lambda: _start_folder(tmp, {**state, **rngs, "step": step, "world_size": world}))
+        ours = {"step": step, "world_size": world, "adapter_only": _adapter_only(model)}
+        if ours["adapter_only"]: ours["base_fingerprint"] = _noted_fingerprint(model)
+        _on_rank_0(f"writing {tmp / 'state.pt'}", lambda: _start_folder(tmp, {**state, **rngs, **ours}))
         with _quiet_dcp():
             dcp.save(_distributed_state(model, optimizer), checkpoint_id=tmp, no_dist=world == 1)
     _on_rank_0(f"publishing {final}", lambda: _publish(ckpt_dir, final, tmp if write else None, keep))
@@ -242,23 +263,37 @@ def _load_sharded(path: Path, model, optimizer, alone: bool):
         missing = re.findall(r"Missing key in checkpoint state_dict: ([\w.]+)", str(e))   # DCP's message, in a traceback
         if not missing: raise
         raise ValueError(f"{path} holds no {missing[-1].rstrip('.')}: the model or optimizer loaded into it is not the kind "
-                         "that was saved; build both from the run's config (the same model and optim)") from None
+                         "that was saved; build both from the run's config (the same model, optim and sft.lora)") from None
     _set_distributed_state(model, optimizer, sd)
+
+def _check_kind(path: Path, model, state: dict):
+    "Refuse to load an adapter-only checkpoint into a model without the adapter, or a whole model's into a LoRA model."
+    saved, now = state.get("adapter_only", False), _adapter_only(model)
+    if saved and not now:
+        raise ValueError(f"{path} holds only a LoRA adapter, and this model carries none: load its run with "
+                         "smollm.runs.load_run (or load_model), which rebuilds the base (the run's init_from) with the "
+                         "adapter, or put the adapter on first (smollm.lora.for_training(model, cfg.sft.lora))")
+    if now and not saved:
+        raise ValueError(f"{path} holds a whole model, and this model carries a LoRA adapter: load it into the model "
+                         "without one (smollm.lora.merge the adapter in, or build the model afresh)")
 
 def _load(path, model, optimizer=None, alone: bool = False) -> dict:
     "load_checkpoint, told whether to read `alone` (in this process only, as load_run does)."
     path = Path(path)
-    if (path / ".metadata").is_file(): _load_sharded(path, model, optimizer, alone)
-    elif (path / "model.safetensors").is_file(): _load_single_process_format(path, model, optimizer)
-    else:
+    if not (path / "state.pt").is_file() or not ((path / ".metadata").is_file() or (path / "model.safetensors").is_file()):
         raise FileNotFoundError(f"{path} is not a checkpoint: expected DCP's .metadata (a sharded checkpoint) or "
                                 "model.safetensors (the single-process format of before), beside state.pt")
-    return read_checkpoint_state(path, map_location=next(model.parameters()).device)
+    state = read_checkpoint_state(path, map_location=next(model.parameters()).device)
+    _check_kind(path, model, state)
+    if (path / ".metadata").is_file(): _load_sharded(path, model, optimizer, alone)
+    else: _load_single_process_format(path, model, optimizer)
+    return state
 
 def load_checkpoint(path, model, optimizer=None) -> dict:
     """Load `model`'s weights (and `optimizer`'s state) from checkpoint folder `path`, whatever sharding saved it
-    and whatever the model's is now (plain, DDP or FSDP2); return its state (read_checkpoint_state). With
-    torch.distributed initialised it is collective: every rank calls it."""
+    and whatever the model's is now (plain, DDP or FSDP2); return its state (read_checkpoint_state). A LoRA model
+    loads its adapter from a LoRA run's checkpoint (which holds nothing else). With torch.distributed initialised
+    it is collective: every rank calls it."""
     return _load(path, model, optimizer)
 
 # %% ../nbs/09_runs.ipynb #60a972bb
@@ -308,10 +343,11 @@ def save_tokenizer(source, run_dir) -> None:
     _write_atomic(run_dir / "tokenizer_config.json", json.dumps(names, indent=1))
 
 # %% ../nbs/09_runs.ipynb #c204803b
-def load_run(run_dir, checkpoint: str | None = None, device="cpu"):
+def load_run(run_dir, checkpoint: str | None = None, device="cpu", base=None):
     """(model in eval mode, resolved config) of a smollm-train run folder, at its latest checkpoint or at
     `checkpoint` (a folder name of run_dir/checkpoints, e.g. 'step_0000100'); device: where the weights go.
-    A sharded checkpoint is consolidated here, in this process alone."""
+    A sharded checkpoint is consolidated here, in this process alone. A LoRA run's model is its base (the config's
+    init_from, or `base`: the folder it has moved to) with the adapter on; smollm.lora.merge folds it in."""
     from smollm.config import build_model
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
@@ -319,21 +355,26 @@ def load_run(run_dir, checkpoint: str | None = None, device="cpu"):
     if ckpt is None or not ckpt.is_dir():
         found = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
         raise FileNotFoundError(f"{run_dir}: checkpoint {checkpoint or '(latest)'} not found; there are: {found or 'none'}")
-    model = build_model(cfg.model).to(device)
+    state = read_checkpoint_state(ckpt) if (ckpt / "state.pt").is_file() else {}
+    if state.get("adapter_only"):
+        model = _lora_base(run_dir, cfg, base, state.get("base_fingerprint")).to(device)
+    else:
+        model = build_model(cfg.model).to(device)
     _load(ckpt, model, alone=True)
     return model.eval(), cfg
 
 # %% ../nbs/09_runs.ipynb #b5bb7038
-def load_model(path, dtype=None):
+def load_model(path, dtype=None, base=None):
     """The model in `path`, in eval mode: a smollm-train run folder (config.yaml + checkpoints/; its latest
     checkpoint) or a Hugging Face checkpoint folder (config.json + weights). dtype: a torch.dtype or its name
-    ('bfloat16'); None keeps the checkpoint's."""
+    ('bfloat16'); None keeps the checkpoint's. base: for a LoRA run whose base has moved, the base's folder now
+    (see load_run)."""
     path = Path(path)
     if (path / "config.json").is_file():
         from smollm.hf import from_hf   # the one upward import of this module: see "Loading any checkpoint"
         return from_hf(path, dtype=dtype)
     if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
-        model, _ = load_run(path)
+        model, _ = load_run(path, base=base)
         if dtype is None: return model
         import torch
         dt = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
@@ -347,3 +388,24 @@ def load_model(path, dtype=None):
                 f"`huggingface-cli download {path} --local-dir {path.name}` and pass that folder")
     raise FileNotFoundError(f"{path} is not a checkpoint: expected a Hugging Face folder with config.json, or a "
                             f"smollm-train run folder with config.yaml and checkpoints/{hint}")
+
+# %% ../nbs/09_runs.ipynb #12cc0435
+def _lora_base(run_dir: Path, cfg, base=None, fingerprint=None):
+    """The model LoRA run `run_dir` (config `cfg`) adapts, with a fresh adapter on (its `sft.lora`): the model in
+    folder `base`, else in the config's init_from, checked against the base `fingerprint` of its checkpoint."""
+    from smollm.lora import for_training, merge, same_base
+    where = base if base is not None else cfg.get("init_from")
+    if not where:
+        raise ValueError(f"{run_dir} is a LoRA run (its checkpoints hold only the adapter) but its config names no "
+                         "base (init_from); pass base=<the base model's folder> to load_run / load_model")
+    where = Path(where)
+    if not where.exists():
+        raise FileNotFoundError(f"{run_dir} holds a LoRA adapter on the base {where} ("
+                                f"{'base=' if base is not None else 'its config init_from'}), which is not there: "
+                                "put the base back there, or pass base=<its folder now> to load_run / load_model")
+    model = for_training(merge(load_model(where)), OmegaConf.select(cfg, "sft.lora"))   # a LoRA base: folded in first
+    if fingerprint is not None and not same_base(model.lora_base_fingerprint, fingerprint):
+        raise ValueError(f"{run_dir} holds a LoRA adapter trained on another base than the model now in {where} (the "
+                         "weights differ: was that run trained further, or replaced?); pass base=<the folder of the "
+                         "base it was trained on> to load_run / load_model")
+    return model
