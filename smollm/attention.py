@@ -13,9 +13,9 @@ from .kernels import attention, attention_ref
 from .norms import RMSNorm
 
 # %% auto #0
-__all__ = ['CAPABILITIES', 'BACKENDS', 'GrowingCache', 'StaticCache', 'visible', 'visible_keys', 'padding_bias', 'Backend',
-           'supporting', 'refuse', 'bias_need', 'bias_and_visible', 'SDPA', 'Eager', 'Fused', 'attend',
-           'capability_table', 'kernel_table', 'SelfAttention', 'Attention', 'MLA']
+__all__ = ['CAPABILITIES', 'BACKENDS', 'GrowingCache', 'StaticCache', 'visible', 'visible_keys', 'padding_bias', 'document_mask',
+           'Backend', 'supporting', 'cannot', 'refuse', 'bias_need', 'bias_and_visible', 'SDPA', 'Eager', 'Fused',
+           'attend', 'capability_table', 'kernel_table', 'SelfAttention', 'Attention', 'MLA']
 
 # %% ../nbs/03_attention.ipynb #a174104b
 class GrowingCache:
@@ -115,10 +115,16 @@ def visible_keys(T: int, S: int, window: int | None = None, device=None) -> torc
     return visible(torch.arange(S - T, S, device=device), torch.arange(S, device=device), window)
 
 def padding_bias(key_mask: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    "Add -inf at hidden keys of key_mask (B, S) to a score bias (H, T, S) or None -> (B, 1 or H, 1 or T, S)."
+    "Add -inf at hidden keys of key_mask (B, S) to a score bias (H, T, S), (B, H, T, S) or None -> (B, 1 or H, 1 or T, S)."
     pad = torch.zeros(key_mask.shape, device=key_mask.device).masked_fill(~key_mask.bool(), float("-inf"))
     pad = pad[:, None, None, :]
-    return pad if bias is None else bias[None] + pad
+    return pad if bias is None else pad + bias
+
+# %% ../nbs/03_attention.ipynb #4c0332da
+def document_mask(doc: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    "(B, 1, T, T) bool for document indices doc (B, T): may query i see key j? One document, causal, within `window`."
+    same = doc[:, :, None] == doc[:, None, :]                                   # (B, T, T)
+    return (same & visible_keys(doc.shape[1], doc.shape[1], window, doc.device))[:, None]
 
 # %% ../nbs/03_attention.ipynb #344b573a
 CAPABILITIES = {
@@ -129,6 +135,7 @@ CAPABILITIES = {
     "alibi_slopes": "ALiBi slopes",
     "key_mask": "a key padding mask (key_mask, as for left-padded prompts)",
     "key_pos": "keys at given slot positions (a static cache, for compiled decoding)",
+    "doc_mask": "a document mask for packed rows (doc)",
 }
 BACKENDS: dict[str, type[Backend]] = {}   # name -> class, filled by defining a subclass of Backend
 
@@ -152,7 +159,7 @@ class Backend:
         return cls.kernel
 
     @staticmethod
-    def run(q, k, v, positional, pos, window, softcap, sinks, key_mask, key_pos, impl) -> torch.Tensor:
+    def run(q, k, v, positional, pos, window, softcap, sinks, key_mask, key_pos, impl, doc=None) -> torch.Tensor:
         "Attention with the arguments of `attend`, which has checked them against `supports`."
         raise NotImplementedError
 
@@ -161,12 +168,15 @@ def supporting(option: str) -> list[str]:
     "The names of the backends in BACKENDS that support `option` (a key of CAPABILITIES)."
     return [name for name, b in BACKENDS.items() if option in b.supports]
 
+def cannot(backend: str, option: str, of: str = "") -> str:
+    "The sentence: `backend` cannot apply `option` (a key of CAPABILITIES, `of` saying whose); the backends that can."
+    return (f"backend={backend!r} cannot apply {CAPABILITIES[option]}{of}; backends that can: "
+            f"{', '.join(supporting(option)) or 'none'}")
+
 def refuse(backend: str, option: str, arg: str = "backend", value=None, of: str = ""):
-    """Raise ArgumentError(arg, value (default: backend), ...): `backend` cannot apply `option` (a key of
-    CAPABILITIES, `of` saying whose); the accepted text lists the backends that can."""
-    raise ArgumentError(arg, backend if value is None else value,
-                        f"backend={backend!r} cannot apply {CAPABILITIES[option]}{of}; backends that can: "
-                        f"{', '.join(supporting(option)) or 'none'}")
+    """Raise ArgumentError(arg, value (default: backend), `cannot(backend, option, of)`): `backend` cannot apply
+    `option` (a key of CAPABILITIES, `of` saying whose); the accepted text lists the backends that can."""
+    raise ArgumentError(arg, backend if value is None else value, cannot(backend, option, of))
 
 def bias_need(positional, device=None) -> str | None:
     """What a backend needs to apply `positional`'s score bias: None (it adds none), 'alibi_slopes' (it has ALiBi
@@ -181,11 +191,18 @@ def bias_need(positional, device=None) -> str | None:
     return None if positional.bias(p, p) is None else "bias"
 
 # %% ../nbs/03_attention.ipynb #f0b4a004
-def bias_and_visible(q, k, positional, pos, key_pos=None, key_mask=None, window=None):
+def bias_and_visible(q, k, positional, pos, key_pos=None, key_mask=None, window=None, doc=None):
     """For queries q (B, Hq, T, D) at pos (T,) and keys k (B, Hkv, S, D) at key_pos (S,) (None: the S positions
     ending at pos[-1]): the additive score bias (positional's, plus -inf at keys key_mask (B, S) hides) or None,
-    and vis (T, S) bool, which keys each query sees when key_pos is given (None: causal, `window` applied later)."""
+    and vis (T, S) bool, which keys each query sees when key_pos is given (None: causal, `window` applied later).
+    With document indices doc (B, T) (a packed row, S = T, pos (B, T)): vis is document_mask(doc, window)."""
     T, S = q.shape[2], k.shape[2]
+    if doc is not None:
+        vis = document_mask(doc, window)                                             # (B, 1, T, T)
+        rows = torch.arange(T, device=q.device)
+        # a relative bias at the row's positions is the documents' own on every pair the mask keeps
+        bias = positional.bias(rows, rows) if positional.relative else positional.bias(pos, pos)
+        return (bias if key_mask is None else padding_bias(key_mask, bias)), vis
     vis = None if key_pos is None else visible(pos, key_pos, window)
     if key_pos is None:
         key_pos = torch.arange(S, device=q.device) + (pos[0] - (S - T))
@@ -197,12 +214,12 @@ def bias_and_visible(q, k, positional, pos, key_pos=None, key_mask=None, window=
 # %% ../nbs/03_attention.ipynb #f0b4a009
 class SDPA(Backend):
     "torch's scaled_dot_product_attention; a sink is a zero key whose mask entry is the sink logit. No softcap."
-    supports = frozenset({"window", "sinks", "bias", "alibi_slopes", "key_mask", "key_pos"})
+    supports = frozenset({"window", "sinks", "bias", "alibi_slopes", "key_mask", "key_pos", "doc_mask"})
     kernel = "torch.nn.functional.scaled_dot_product_attention (torch picks flash, memory-efficient or math)"
 
     @staticmethod
-    def run(q, k, v, positional, pos, window, softcap, sinks, key_mask, key_pos, impl):
-        bias, vis = bias_and_visible(q, k, positional, pos, key_pos, key_mask, window)
+    def run(q, k, v, positional, pos, window, softcap, sinks, key_mask, key_pos, impl, doc=None):
+        bias, vis = bias_and_visible(q, k, positional, pos, key_pos, key_mask, window, doc)
         (B, H, T, _), S = q.shape, k.shape[2]
         gqa = H != k.shape[1]
         if vis is not None and bias is None and sinks is None:
@@ -214,12 +231,12 @@ class SDPA(Backend):
                 k, v = (k, v) if window is None else (k[:, :, -window:], v[:, :, -window:])
                 return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         vis = visible_keys(T, S, window, q.device) if vis is None else vis
-        mask = torch.zeros(T, S, device=q.device, dtype=q.dtype).masked_fill(~vis, float("-inf"))
+        mask = torch.zeros(vis.shape, device=q.device, dtype=q.dtype).masked_fill(~vis, float("-inf"))
         return SDPA.masked(q, k, v, mask, bias, sinks, gqa)
 
     @staticmethod
     def masked(q, k, v, mask, bias, sinks, gqa):
-        "SDPA with an additive mask (T, S), plus a score bias and sink logits (Hq,) if given."
+        "SDPA with an additive mask (T, S) or (B, 1, T, S), plus a score bias and sink logits (Hq,) if given."
         (B, H, T, _), S = q.shape, k.shape[2]
         if bias is not None:
             mask = mask + bias.to(q.dtype)
@@ -235,8 +252,8 @@ class Eager(Backend):
     kernel = "smollm.kernels.attention_ref (explicit softmax, fp32 scores)"
 
     @staticmethod
-    def run(q, k, v, positional, pos, window, softcap, sinks, key_mask, key_pos, impl):
-        bias, vis = bias_and_visible(q, k, positional, pos, key_pos, key_mask, window)
+    def run(q, k, v, positional, pos, window, softcap, sinks, key_mask, key_pos, impl, doc=None):
+        bias, vis = bias_and_visible(q, k, positional, pos, key_pos, key_mask, window, doc)
         if vis is None:
             return attention_ref(q, k, v, causal=True, window=window, softcap=softcap, bias=bias, sinks=sinks)
         hide = torch.zeros(vis.shape, device=q.device).masked_fill(~vis, float("-inf"))
@@ -246,7 +263,7 @@ class Eager(Backend):
 # %% ../nbs/03_attention.ipynb #f0b4a012
 class Fused(Backend):
     """smollm.kernels.attention: a Triton kernel under impl 'triton' (or 'auto' on CUDA), else its plain-PyTorch
-    reference. ALiBi as slopes; no sinks, padding mask, slot positions or other score bias."""
+    reference. ALiBi as slopes; no sinks, padding mask, slot positions, document mask or other score bias."""
     supports = frozenset({"window", "softcap", "alibi_slopes"})
 
     @classmethod
@@ -262,7 +279,7 @@ class Fused(Backend):
         return "smollm.kernels.attention, the Triton kernel" + ("" if cuda else " under Triton's interpreter")
 
     @staticmethod
-    def run(q, k, v, positional, pos, window, softcap, sinks, key_mask, key_pos, impl):
+    def run(q, k, v, positional, pos, window, softcap, sinks, key_mask, key_pos, impl, doc=None):
         slopes = positional.alibi_slopes
         D, Dv = q.shape[-1], v.shape[-1]
         if Dv < D:                 # MLA: values narrower than queries; zeros pass through the kernel
@@ -271,28 +288,35 @@ class Fused(Backend):
 
 # %% ../nbs/03_attention.ipynb #f0b4a015
 def attend(q, k, v, positional, pos, window=None, softcap=None, sinks=None, key_mask=None,
-           backend="sdpa", impl="auto", key_pos=None) -> torch.Tensor:
+           backend="sdpa", impl="auto", key_pos=None, doc=None) -> torch.Tensor:
     """Causal attention of queries q (B, Hq, T, D) at positions pos (T,) over keys k (B, Hkv, S, D) and values
     v (B, Hkv, S, Dv) at the S positions ending at pos[-1] -> (B, Hq, T, Dv), by the algorithm BACKENDS[backend].
     `positional.bias` is added to the scores; sinks (Hq,): one extra logit per head; key_mask (B, S) bool, False =
     key hidden; key_pos (S,): the keys' positions when they are not those S (a static cache's slots; keys after a
-    query are hidden); impl: the fused op's implementation ('auto', 'torch' or 'triton')."""
-    B, S = q.shape[0], k.shape[2]
+    query are hidden); doc (B, T): each token's document index in a packed row (no cache: S = T), a query seeing
+    only its own document, with pos (B, T) the positions within the documents; impl: the fused op's
+    implementation ('auto', 'torch' or 'triton')."""
+    B, T, S = q.shape[0], q.shape[2], k.shape[2]
     if key_mask is not None and tuple(key_mask.shape) != (B, S):
         raise ValueError(f"key_mask must have shape (batch, cached + new tokens) = {(B, S)}; "
                          f"got {tuple(key_mask.shape)}")
+    if doc is not None:
+        check(S == T and key_pos is None, "doc", f"a tensor of shape {tuple(doc.shape)}",
+              f"None with cached keys ({S} keys for {T} queries): a packed row is for training and scoring")
+        check(tuple(doc.shape) == (B, T), "doc", f"a tensor of shape {tuple(doc.shape)}",
+              f"document indices of shape (batch, tokens) = {(B, T)}")
     b = BACKENDS.get(backend)
     if b is None:
         raise ArgumentError("backend", backend, f"one of {list(BACKENDS)}")
     for option, value in (("window", window), ("softcap", softcap), ("sinks", sinks), ("key_mask", key_mask),
-                          ("key_pos", key_pos)):
+                          ("key_pos", key_pos), ("doc_mask", doc)):
         if value is not None and option not in b.supports:
             refuse(backend, option)
     if not {"bias", "alibi_slopes"} <= b.supports:          # only then is the positional's bias worth asking about
         need = bias_need(positional, pos.device)
         if need is not None and need not in b.supports:
             refuse(backend, need, of=f" (positional {type(positional).__name__})")
-    return b.run(q, k, v, positional, pos, window, softcap, sinks, key_mask, key_pos, impl)
+    return b.run(q, k, v, positional, pos, window, softcap, sinks, key_mask, key_pos, impl, doc)
 
 # %% ../nbs/03_attention.ipynb #f0b4a017
 def capability_table() -> str:
@@ -315,8 +339,9 @@ def kernel_table() -> str:
 class SelfAttention(nn.Module):
     """Base of the self-attention layers: n_heads query heads of width head_dim (default dim // n_heads), n_kv_heads
     key/value heads, an optional sliding `window` and `softcap`, computed by the algorithm BACKENDS[backend]. Layers
-    read by the model: new_cache(capacity), check_positional(positional), impl (set from the model's `kernels:`),
-    and `residual_out = True` on output projections that add to the residual stream (scaled down at init)."""
+    read by the model: new_cache(capacity), check_positional(positional), refusal(option), impl (set from the
+    model's `kernels:`), and `residual_out = True` on output projections that add to the residual stream (scaled
+    down at init). forward takes doc (B, T), a packed row's document indices, checked by check_doc."""
     family = "attention"
     impl = "auto"      # the fused op's implementation: 'auto', 'torch' or 'triton'
     cache_axis = 2     # the sequence axis of the tensors the layer caches
@@ -353,6 +378,17 @@ class SelfAttention(nn.Module):
             refuse(self.backend, "key_pos")
         return StaticCache(capacity, self.cache_axis)
 
+    def refusal(self, option: str) -> str | None:
+        "None when this layer's backend applies `option` (a key of CAPABILITIES), else a sentence naming the backends that do."
+        return None if option in BACKENDS[self.backend].supports else cannot(self.backend, option)
+
+    @staticmethod
+    def check_doc(doc: torch.Tensor | None, cache) -> None:
+        "Refuse document indices `doc` (a packed row) together with a decoding `cache`."
+        if doc is not None and cache is not None:
+            raise ArgumentError("doc", f"a tensor of shape {tuple(doc.shape)}", "None when decoding with a cache: "
+                                "packed rows (doc) are for training and scoring; decode one sequence per row")
+
     def check_positional(self, positional):
         "Raise ArgumentError('backend', ...) if this layer's backend cannot apply `positional`'s score bias."
         need = bias_need(positional)
@@ -380,8 +416,10 @@ class Attention(SelfAttention):
         self.sinks = nn.Parameter(torch.zeros(H)) if sinks else None
 
     def forward(self, x: torch.Tensor, positional, pos: torch.Tensor, cache: GrowingCache | StaticCache | None = None,
-                key_mask: torch.Tensor | None = None):
-        "x (B, T, dim) at positions pos (T,) -> (B, T, dim). key_mask (B, S): False for keys to ignore (padding)."
+                key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None):
+        """x (B, T, dim) at positions pos (T,) -> (B, T, dim). key_mask (B, S): False for keys to ignore (padding).
+        doc (B, T): each token's document index in a packed row, which attention does not cross; pos is then (B, T)."""
+        self.check_doc(doc, cache)
         B, T, _ = x.shape
         heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)            # (B, T, h*hd) -> (B, h, T, hd)
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
@@ -393,7 +431,7 @@ class Attention(SelfAttention):
             k, v = cache.update(k, v)                                                # (B, Hkv, S, hd)
             key_pos = cache.key_pos
         y = attend(q, k, v, positional, pos, self.window, self.softcap, self.sinks, key_mask, self.backend,
-                   self.impl, key_pos)
+                   self.impl, key_pos, doc)
         y = y.transpose(1, 2).reshape(B, T, -1)                                      # (B, T, Hq*hd)
         if self.gate_proj is not None:
             y = y * torch.sigmoid(self.gate_proj(x))
@@ -431,8 +469,10 @@ class MLA(SelfAttention):
         self.o_proj.residual_out = True
 
     def forward(self, x: torch.Tensor, positional, pos: torch.Tensor, cache: GrowingCache | StaticCache | None = None,
-                key_mask: torch.Tensor | None = None):
-        "x (B, T, dim) at positions pos (T,) -> (B, T, dim). key_mask (B, S): False for keys to ignore (padding)."
+                key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None):
+        """x (B, T, dim) at positions pos (T,) -> (B, T, dim). key_mask (B, S): False for keys to ignore (padding).
+        doc (B, T): each token's document index in a packed row, which attention does not cross; pos is then (B, T)."""
+        self.check_doc(doc, cache)
         (B, T, _), H, hd, rd, r = x.shape, self.n_heads, self.head_dim, self.rope_dim, self.kv_lora_rank
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
         q, q_rope = q.view(B, T, H, hd + rd).transpose(1, 2).split([hd, rd], -1)     # (B, H, T, hd), (B, H, T, rd)
@@ -449,5 +489,5 @@ class MLA(SelfAttention):
         q = torch.cat([q, q_rope], -1)                                               # (B, H, T, hd + rd)
         k = torch.cat([k, k_rope[:, None].expand(B, H, S, rd)], -1)                  # (B, H, S, hd + rd)
         y = attend(q, k, v, positional, pos, self.window, self.softcap, None, key_mask, self.backend, self.impl,
-                   key_pos)
+                   key_pos, doc)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))

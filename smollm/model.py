@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from .errors import check
 from .kernels import linear_cross_entropy
-from .positional import NoPE
+from .positional import NoPE, doc_positions
 
 # %% auto #0
 __all__ = ['PLACEMENTS', 'Block', 'init_weights_', 'count_by_family', 'Transformer']
@@ -37,9 +37,10 @@ class Block(nn.Module):
         if placement == "sandwich":
             self.attn_post_norm, self.mlp_post_norm = norm(), norm()
 
-    def forward(self, x, positional, pos, cache=None, key_mask=None):
-        "x (B, T, dim) -> (B, T, dim); `positional`, `pos`, `cache` and `key_mask` go to the attention layer."
-        attn = lambda h: self.attn(h, positional, pos, cache, key_mask=key_mask)
+    def forward(self, x, positional, pos, cache=None, key_mask=None, doc=None):
+        "x (B, T, dim) -> (B, T, dim); `positional`, `pos`, `cache`, `key_mask` and `doc` go to the attention layer."
+        packed = {} if doc is None else {"doc": doc}   # unpacked, a layer is called as it always was
+        attn = lambda h: self.attn(h, positional, pos, cache, key_mask=key_mask, **packed)
         if self.parallel:
             h = self.attn_norm(x)
             return x + attn(h) + self.mlp(h)
@@ -125,27 +126,45 @@ class Transformer(nn.Module):
         return [blk.attn.new_cache(capacity) for blk in self.layers]
 
     def hidden_states(self, input_ids: torch.Tensor, cache: list | None = None,
-                      key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> final-normed hidden states (B, T, dim); with `cache`, positions continue after it.
-        key_mask (B, S), S = cached + T tokens: False marks keys no query may attend to (left padding)."""
+        key_mask (B, S), S = cached + T tokens: False marks keys no query may attend to (left padding).
+        doc (B, T): packed rows, each token's document index (nondecreasing along a row; no cache): a token
+        attends only to its own document, and positions restart at 0 where a document starts."""
         B, T = input_ids.shape
-        start = cache[0].length if cache else 0
-        pos = torch.arange(T, device=input_ids.device) + start      # start: a 0-dim tensor for a static cache
+        if doc is None:
+            start = cache[0].length if cache else 0
+            pos = torch.arange(T, device=input_ids.device) + start      # start: a 0-dim tensor for a static cache
+        else:
+            check(cache is None, "doc", f"a tensor of shape {tuple(doc.shape)}", "None when decoding with a cache: "
+                  "packed rows are for training and scoring")
+            check(tuple(doc.shape) == (B, T), "doc", f"a tensor of shape {tuple(doc.shape)}",
+                  f"document indices of input_ids' shape {(B, T)}")
+            pos = doc_positions(doc)                                     # (B, T)
         x = self.positional.embed(self.embed(input_ids), pos)
         for i, blk in enumerate(self.layers):
-            x = blk(x, self.layer_positional(i), pos, None if cache is None else cache[i], key_mask)
+            x = blk(x, self.layer_positional(i), pos, None if cache is None else cache[i], key_mask, doc)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cache: list | None = None,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        "input_ids (B, T) -> logits (B, T, vocab_size); `cache` and `key_mask` as for `hidden_states`."
-        return self.lm_head(self.hidden_states(input_ids, cache, key_mask))
+                key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
+        "input_ids (B, T) -> logits (B, T, vocab_size); `cache`, `key_mask` and `doc` as for `hidden_states`."
+        return self.lm_head(self.hidden_states(input_ids, cache, key_mask, doc))
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        "Mean next-token cross-entropy of input_ids (B, T) against targets (B, T); `ignore_index` targets take no loss."
-        h = self.hidden_states(input_ids)
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+             doc: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy of input_ids (B, T) against targets (B, T); `ignore_index` targets take no
+        loss; doc (B, T): packed rows, as for `hidden_states`."""
+        h = self.hidden_states(input_ids, doc=doc)
         return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                     ignore_index=ignore_index, impl=self.kernels)
+
+    def packing_refusal(self) -> str | None:
+        "None when every layer can take `doc` (packed rows); else a sentence naming the first layer that cannot and why."
+        for i, blk in enumerate(self.layers):
+            if why := blk.attn.refusal("doc_mask"):
+                return f"layer {i}'s attention: {why}"
+        return None
 
     def num_params(self) -> int:
         "Number of parameters (a tied matrix counted once)."

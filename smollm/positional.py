@@ -14,16 +14,18 @@ from .errors import ArgumentError, check
 from .kernels import rope
 
 # %% auto #0
-__all__ = ['ROPE_SCALINGS', 'HF_ROPE_NAMES', 'Positional', 'NoPE', 'rope_inv_freq', 'RopeScaling', 'LinearScaling',
-           'DynamicNTKScaling', 'Llama3Scaling', 'YaRNScaling', 'scaling_keys', 'rope_scaling', 'RoPE', 'alibi_slopes',
-           'ALiBi', 't5_buckets', 'T5Bias', 'LearnedAbsolute', 'sinusoidal_table', 'Sinusoidal']
+__all__ = ['ROPE_SCALINGS', 'HF_ROPE_NAMES', 'Positional', 'NoPE', 'doc_positions', 'rope_inv_freq', 'RopeScaling',
+           'LinearScaling', 'DynamicNTKScaling', 'Llama3Scaling', 'YaRNScaling', 'scaling_keys', 'rope_scaling', 'RoPE',
+           'alibi_slopes', 'ALiBi', 't5_buckets', 'T5Bias', 'LearnedAbsolute', 'sinusoidal_table', 'Sinusoidal']
 
 # %% ../nbs/02_positional.ipynb #5a84d776
 class Positional(nn.Module):
-    "Base positional encoding: `embed`, `rotate` and `bias` do nothing. Built as `cls(dim, n_heads, head_dim, max_seq_len, ...)`."
+    """Base positional encoding: `embed`, `rotate` and `bias` do nothing. Built as `cls(dim, n_heads, head_dim, max_seq_len, ...)`.
+    Positions `pos` are (T,), shared by the batch, or (B, T), one row each (packed rows, see `doc_positions`)."""
     family = "positional"
     alibi_slopes = None  # (n_heads,) for encodings that a fused attention kernel can apply itself
     max_positions: int | None = None   # positions 0 .. max_positions - 1 work; None: any position
+    relative = True      # bias(q_pos, k_pos) depends on q_pos - k_pos only (so a packed row may use the row's positions)
 
     def __init__(self, dim: int, n_heads: int, head_dim: int, max_seq_len: int):
         super().__init__()
@@ -32,19 +34,37 @@ class Positional(nn.Module):
         self.dim, self.n_heads, self.head_dim, self.max_seq_len = dim, n_heads, head_dim, max_seq_len
 
     def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        "Token embeddings x (B, T, dim) at positions pos (T,) -> (B, T, dim)."
+        "Token embeddings x (B, T, dim) at positions pos (T,) or (B, T) -> (B, T, dim)."
         return x
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor):
-        "Queries (B, Hq, T, hd) and keys (B, Hkv, T, hd) at positions pos (T,) -> (q, k)."
+        "Queries (B, Hq, T, hd) and keys (B, Hkv, T, hd) at positions pos (T,) or (B, T) -> (q, k)."
         return q, k
 
     def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
-        "Additive attention-score bias (n_heads, T, S) for query positions (T,) and key positions (S,), or None."
+        """Additive attention-score bias (n_heads, T, S) for query positions (T,) and key positions (S,), or
+        (B, n_heads, T, S) for per-row positions (B, T) and (B, S); or None."""
         return None
 
 class NoPE(Positional):
     "No positional encoding: the causal mask is the only source of order."
+
+# %% ../nbs/02_positional.ipynb #ec950d44
+def doc_positions(doc: torch.Tensor) -> torch.Tensor:
+    """Positions (B, T) of a packed batch: doc (B, T) holds each token's document index within its row,
+    nondecreasing along the row; a token's position is its distance from the first token of its document."""
+    check(doc.dim() == 2 and not doc.is_floating_point() and not doc.is_complex() and doc.dtype != torch.bool,
+          "doc", f"a {doc.dtype} tensor of shape {tuple(doc.shape)}", "an integer tensor (B, T) of document indices")
+    # the check reads a value off the tensor; a compiled step skips it
+    if not torch.compiler.is_compiling() and doc.shape[1] > 1 and bool((doc[:, 1:] < doc[:, :-1]).any()):
+        raise ArgumentError("doc", doc.tolist() if doc.numel() <= 64 else "a tensor",
+                            "document indices that never decrease along a row, e.g. [0, 0, 0, 1, 1, 2]")
+    T = doc.shape[1]
+    t = torch.arange(T, device=doc.device).expand_as(doc)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    first = torch.where(starts, t, 0).cummax(dim=1).values   # the index where each token's document starts
+    return t - first
 
 # %% ../nbs/02_positional.ipynb #80b2cb8f
 def rope_inv_freq(theta: float, rot_dim: int, device=None) -> torch.Tensor:
@@ -215,8 +235,8 @@ class RoPE(Positional):
         return self._inv_cache[key]
 
     def cos_sin(self, pos: torch.Tensor, rot_dim: int):
-        "cos and sin of the angles at positions pos (T,), each (T, rot_dim) fp32 in the rotate-half layout, times `attention_factor`."
-        ang = pos.float()[:, None] * self._freqs(pos, rot_dim)[None, :]
+        "cos and sin of the angles at positions pos (..., T), each (..., T, rot_dim) fp32 in the rotate-half layout, times `attention_factor`."
+        ang = pos.float()[..., None] * self._freqs(pos, rot_dim)
         ang = torch.cat([ang, ang], dim=-1)
         cos, sin = ang.cos(), ang.sin()
         if self.attention_factor != 1.0:
@@ -233,6 +253,17 @@ class RoPE(Positional):
             cos, sin = self.cos_sin(pos, rot)
             if not torch.compiler.is_compiling():   # a compiled graph computes them once anyway
                 self._memo = (pos, rot, cos, sin)
+        if pos.dim() == 1:
+            return self._rotate(q, k, cos, sin, rot)
+        # per-row positions (B, T): the op takes one (T, rot) table, so fold the batch into the time axis
+        B, T = pos.shape
+        fold = lambda t: t.transpose(1, 2).reshape(1, B * T, t.shape[1], t.shape[3]).transpose(1, 2)
+        unfold = lambda t: t.transpose(1, 2).reshape(B, T, t.shape[1], t.shape[3]).transpose(1, 2)
+        qr, kr = self._rotate(fold(q), fold(k), cos.reshape(B * T, rot), sin.reshape(B * T, rot), rot)
+        return unfold(qr), unfold(kr)
+
+    def _rotate(self, q, k, cos, sin, rot):
+        "Rotate the first `rot` channels of q (B, Hq, T, hd) and k (B, Hkv, T, hd) by cos, sin (T, rot)."
         if rot == q.shape[-1]:
             return rope(q, k, cos, sin, impl=self.impl)
         qr, kr = rope(q[..., :rot], k[..., :rot], cos, sin, impl=self.impl)
@@ -267,8 +298,8 @@ class ALiBi(Positional):
         return out
 
     def bias(self, q_pos, k_pos):
-        dist = (q_pos[:, None] - k_pos[None, :]).abs().float()   # (T, S)
-        return -self.slopes[:, None, None] * dist                # (n_heads, T, S)
+        dist = (q_pos[..., :, None] - k_pos[..., None, :]).abs().float()   # (T, S) or (B, T, S)
+        return -self.slopes[:, None, None] * dist[..., None, :, :]          # (n_heads, T, S) or (B, n_heads, T, S)
 
 # %% ../nbs/02_positional.ipynb #f984966e
 def t5_buckets(dist: torch.Tensor, num_buckets: int = 32, max_distance: int = 128,
@@ -301,8 +332,9 @@ class T5Bias(Positional):
         self.relative_attention_bias = nn.Embedding(num_buckets, n_heads)
 
     def bias(self, q_pos, k_pos):
-        buckets = t5_buckets(q_pos[:, None] - k_pos[None, :], self.num_buckets, self.max_distance, self.bidirectional)
-        return rearrange(self.relative_attention_bias(buckets), "t s h -> h t s")
+        buckets = t5_buckets(q_pos[..., :, None] - k_pos[..., None, :], self.num_buckets, self.max_distance,
+                             self.bidirectional)                                    # (T, S) or (B, T, S)
+        return rearrange(self.relative_attention_bias(buckets), "... t s h -> ... h t s")
 
 # %% ../nbs/02_positional.ipynb #566cad31
 class LearnedAbsolute(Positional):
@@ -321,8 +353,8 @@ class LearnedAbsolute(Positional):
         return x + self.wpe(pos)
 
 def sinusoidal_table(pos: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
-    "Rows (T, dim) of the sinusoidal table at positions pos (T,): sin in even channels, cos in odd, in fp64."
-    ang = pos.double()[:, None] / base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)
+    "Rows (..., T, dim) of the sinusoidal table at positions pos (..., T): sin in even channels, cos in odd, in fp64."
+    ang = pos.double()[..., None] / base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)
     return torch.stack([ang.sin(), ang.cos()], dim=-1).flatten(-2)   # interleave: sin_0, cos_0, sin_1, ...
 
 class Sinusoidal(Positional):

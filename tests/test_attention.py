@@ -410,8 +410,9 @@ class Slopes(Positional):
         return -self.alibi_slopes[:, None, None] * (q_pos[:, None] - k_pos[None, :]).abs().float()
 
 
-def reference(q, k, v, pos, key_pos, window=None, softcap=None, sinks=None, key_mask=None, bias=None):
-    "Attention written out in float64: q (B, H, T, D) at pos (T,), k, v (B, Hkv, S, D) at key_pos (S,)."
+def reference(q, k, v, pos, key_pos, window=None, softcap=None, sinks=None, key_mask=None, bias=None, doc=None):
+    """Attention written out in float64: q (B, H, T, D) at pos (T,), k, v (B, Hkv, S, D) at key_pos (S,); doc (B, T)
+    (T = S): a packed row's document indices, a query seeing keys of its own document only."""
     G = q.shape[1] // k.shape[1]
     q, k, v = q.double(), k.repeat_interleave(G, 1).double(), v.repeat_interleave(G, 1).double()
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
@@ -423,6 +424,8 @@ def reference(q, k, v, pos, key_pos, window=None, softcap=None, sinks=None, key_
     hide = (d < 0) | (d >= window if window else torch.zeros_like(d, dtype=torch.bool))
     hide = hide[None, None] | (torch.zeros(q.shape[0], 1, 1, 1, dtype=torch.bool) if key_mask is None
                                else ~key_mask[:, None, None, :])
+    if doc is not None:
+        hide = hide | (doc[:, None, :, None] != doc[:, None, None, :])
     e = s.masked_fill(hide, float("-inf")).exp()
     denom = e.sum(-1, keepdim=True) + (0 if sinks is None else sinks.double().exp().view(1, -1, 1, 1))
     return ((e / denom) @ v).float()
@@ -450,6 +453,9 @@ def case(option: str):
     elif option == "key_pos":                                  # a static cache: 9 slots, the last two not written
         k, v = (torch.cat([t, torch.randn(2, 2, 2, 8, generator=g)], 2) for t in (k, v))
         kw = dict(key_pos=torch.arange(9))
+    elif option == "doc_mask":                                 # packed rows: no cache, 7 queries over their 7 keys
+        q, pos = torch.randn(2, 4, 7, 8, generator=g), torch.arange(7)   # NoPE: the rows' own positions serve
+        kw = ref = dict(doc=torch.tensor([[0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 2, 2, 2]]))
     return (q, k, v, positional, pos), kw, ref
 
 
@@ -481,6 +487,7 @@ def test_all_supported_options_at_once(backend):
     "Every option the backend supports, together (an arbitrary bias when it has one, else ALiBi slopes)."
     sup = BACKENDS[backend].supports
     opts = [o for o in CAPABILITIES if o in sup and not (o == "alibi_slopes" and "bias" in sup)]
+    opts = [o for o in opts if o != "doc_mask"]   # packed rows take no cache: tests/test_packing.py combines the rest
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, h, n, 8, generator=g) for h, n in ((4, 5), (2, 7), (2, 7)))
     pos, S = torch.arange(2, 7), 7
