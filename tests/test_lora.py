@@ -262,3 +262,26 @@ def test_lora_without_a_base_is_refused():
     cfg = OmegaConf.merge(OmegaConf.to_container(CFG), {"init_from": None, "sft": {"lora": LORA}})
     with pytest.raises(ConfigError, match="sft.lora.rank=4 needs init_from"):
         check_base(cfg)
+
+
+def test_an_fsdp2_sharded_lora_model_saves_its_adapter_alone(tmp_path):
+    "FSDP2 (fully_shard, one gloo rank) on a LoRA model: its checkpoint holds the adapter, which loads into a plain one."
+    import torch.distributed as dist
+    from torch.distributed.checkpoint import FileSystemReader
+    from smollm.distributed import shard
+    base = tiny()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        m = shard(for_training(copy.deepcopy(base), LORA))
+        train(m, 2)
+        ck = save_checkpoint(tmp_path, 2, m, adamw(m), {})
+        x, _ = batch(seed=3)
+        with torch.no_grad():
+            want = m(x)
+    finally:
+        dist.destroy_process_group()
+    assert len(_tensors(ck)) == 2 * 7 * 2
+    plain = for_training(copy.deepcopy(base), LORA)
+    load_checkpoint(ck, plain)
+    with torch.no_grad():
+        assert torch.equal(plain(x), want)
