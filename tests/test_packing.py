@@ -112,6 +112,22 @@ def test_packed_logits_with_uneven_batch_rows(attn):
             torch.testing.assert_close(packed[b:b + 1, s:e], m(x[b:b + 1, s:e]), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("attn,pos", [("gqa", "rope"), ("sinks", "alibi"), ("sliding_window", "t5")])
+def test_doc_with_a_key_mask(attn, pos):
+    "A key hidden by key_mask stays hidden in a packed row: the first document without its first token's key."
+    x, doc = ids(), packed_doc()
+    key_mask = torch.ones(2, T, dtype=torch.bool)
+    key_mask[0, 0] = False
+    for backend in packing_backends(model(attn, pos, backend="eager")):
+        m = model(attn, pos, backend=backend)
+        with torch.no_grad():
+            packed = m(x, key_mask=key_mask, doc=doc)
+            alone = m(x[:1, :5], key_mask=key_mask[:1, :5])
+            torch.testing.assert_close(packed[:1, 1:5], alone[:, 1:], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(packed[:, 5:], m(x, doc=doc)[:, 5:], atol=1e-6, rtol=1e-5)
+            assert (packed[:1, 1:5] - m(x, doc=doc)[:1, 1:5]).abs().max() > 1e-4
+
+
 def targets(x, doc, ignore_index=-100):
     "Next-token targets of x within each document: ignore_index at each document's last token."
     y = x.roll(-1, 1)
