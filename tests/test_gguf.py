@@ -1,0 +1,324 @@
+"""smollm.gguf against independent readers: transformers loads the exported .gguf (dequantizing it) with smollm's
+logits and rebuilds its tokenizer with the same ids, GGUFReader reads the metadata back, llama.cpp itself (through
+llama-cpp-python, when installed) decodes the same greedy tokens; models llama.cpp cannot run are refused before
+anything is written, the write is atomic, and smollm-export works end to end on a run folder and an HF folder."""
+import json
+import sys
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from smollm.config import build_model, compose  # noqa: E402
+from smollm.data import SPECIAL_TOKENS, train_bpe  # noqa: E402
+from smollm.gguf import GGUFError, export_cli, to_gguf  # noqa: E402
+from smollm.hf import HFTokenizer, load_tokenizer, to_hf  # noqa: E402
+
+V = 320          # embedding rows; the BPE has about 300 tokens, so the last rows get [PAD] tokens
+TEXT = "Hello, мир! 你好 👋 café"
+CORPUS = ["Hello, world! Привет, мир! 你好世界 café naïve 👋 def f(x): return x + 1", "The cat sat on the mat."] * 30
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+ARCHS = {   # smollm overrides -> the llama.cpp architecture they export as
+    "llama": ([], "llama"),
+    "llama_mha_tied": (["model/attention=mha", "model.tie_embeddings=true"], "llama"),
+    "llama_head_dim": (["model.head_dim=32"], "llama"),
+    "qwen2": (["model.attention.qkv_bias=true"], "qwen2"),
+    # transformers' GGUF loader takes Qwen3's head_dim from Qwen3Config's default (128): the file's is not read
+    "qwen3": (["model/attention=qk_norm", "model.head_dim=128"], "qwen3"),
+}
+# max |logit difference| against smollm allowed per storage type, for logits of size about 4 here: f32 is the
+# same arithmetic; f16 rounds each weight to 11 bits, q8_0 to 255 levels per block of 32 (smollm-export's report
+# in the issue's closing note has the measured figures)
+TOL = {"f32": 1e-4, "f16": 1e-2, "q8_0": 0.25}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    "smollm's own tokenizer (a byte-level BPE from train_bpe) with its special tokens and a chat template."
+    bpe = train_bpe(iter(CORPUS), 300)
+    return HFTokenizer(bpe, TEMPLATE, {"bos_token": SPECIAL_TOKENS["bos"], "eos_token": SPECIAL_TOKENS["eos"]})
+
+
+def tiny(*overrides):
+    "A tiny smollm model whose norms, biases and weights are far from their init, so that a misplaced tensor shows."
+    torch.manual_seed(0)
+    m = build_model(compose(["model=tiny", f"data.vocab_size={V}", "model.init_std=0.1", *overrides]).model).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return m
+
+
+def hf_logits(folder, name, ids):
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_transformers_logits(tmp_path, tok, arch, dtype):
+    overrides, gguf_arch = ARCHS[arch]
+    model = tiny(*overrides)
+    f = to_gguf(model, tok, tmp_path / f"{arch}.gguf", dtype=dtype)
+    r = gguf.GGUFReader(f)
+    assert r.fields["general.architecture"].contents() == gguf_arch
+    ids = torch.randint(0, V, (2, 24))
+    with torch.no_grad():
+        ours = model(ids)
+    diff = (hf_logits(tmp_path, f.name, ids) - ours).abs().max().item()
+    assert diff <= TOL[dtype], f"{arch} {dtype}: max |logit difference| {diff:.3g} > {TOL[dtype]}"
+
+
+def test_quantized_types(tmp_path, tok):
+    "q8_0 quantizes the matrices and keeps norms and 1-D tensors in f32, as llama.cpp's converter does; f16 halves them."
+    model = tiny("model.attention.qkv_bias=true")
+    types = {}
+    for dtype in ("f16", "q8_0"):
+        r = gguf.GGUFReader(to_gguf(model, tok, tmp_path / f"m-{dtype}.gguf", dtype=dtype))
+        types[dtype] = {t.name: t.tensor_type.name for t in r.tensors}
+    for dtype, matrix in (("f16", "F16"), ("q8_0", "Q8_0")):
+        t = types[dtype]
+        assert t["blk.0.attn_q.weight"] == t["token_embd.weight"] == t["output.weight"] == matrix
+        assert t["blk.0.attn_norm.weight"] == t["output_norm.weight"] == t["blk.0.attn_q.bias"] == "F32"
+    assert (tmp_path / "m-q8_0.gguf").stat().st_size < 0.6 * (tmp_path / "m-f16.gguf").stat().st_size
+
+
+def test_tokenizer_round_trip(tmp_path, tok):
+    "transformers rebuilds the tokenizer from the file alone: the same ids for a multilingual string, and the template."
+    to_gguf(tiny(), tok, tmp_path / "m.gguf")
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    ids = tok.encode(TEXT)
+    assert len(ids) > 8 and ids == ref.encode(TEXT, add_special_tokens=False)
+    assert ref.decode(ids) == TEXT
+    assert ref.convert_ids_to_tokens(tok.eos_id) == SPECIAL_TOKENS["eos"] and tok.eos_id in ref.all_special_ids
+    assert ref.chat_template == TEMPLATE
+
+
+def sentencepiece_tokenizer():
+    "A TinyLlama-style tokenizer (spaces as '▁', byte fallback to <0x..> tokens, <s> added in front)."
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    t = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    t.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    t.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                   decoders.Strip(" ", 1, 0)])
+    special = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    t.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=special, show_progress=False))
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return HFTokenizer(t, TEMPLATE, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    "A sentencepiece-style BPE is llama.cpp's `llama` vocabulary, with scores, byte tokens and BOS added."
+    sp = sentencepiece_tokenizer()
+    to_gguf(tiny("data.vocab_size=400"), sp, tmp_path / "sp.gguf")
+    r = gguf.GGUFReader(tmp_path / "sp.gguf")
+    assert r.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert r.fields["tokenizer.ggml.add_bos_token"].contents() is True
+    types = r.fields["tokenizer.ggml.token_type"].contents()
+    assert types[sp.tokenizer.token_to_id("<0x41>")] == gguf.TokenType.BYTE
+    assert types[0] == gguf.TokenType.UNKNOWN and types[1] == gguf.TokenType.CONTROL
+    ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
+    assert ref.encode("the cat sat, café", add_special_tokens=False) == sp.encode("the cat sat, café", False)
+
+
+def test_metadata(tmp_path, tok):
+    "GGUFReader reads back the hyperparameters, the tokenizer and its chat template."
+    model = tiny("model/attention=qk_norm", "model.positional.theta=500000.0")
+    f = to_gguf(model, tok, tmp_path / "q3.gguf", dtype="q8_0", name="tiny qwen3")
+    r = gguf.GGUFReader(f)
+    field = lambda k: r.fields[k].contents()   # noqa: E731
+    assert field("general.architecture") == "qwen3" and field("general.name") == "tiny qwen3"
+    assert (field("qwen3.block_count"), field("qwen3.embedding_length"), field("qwen3.feed_forward_length")) == (2, 64, 128)
+    assert (field("qwen3.attention.head_count"), field("qwen3.attention.head_count_kv")) == (4, 2)
+    assert (field("qwen3.attention.key_length"), field("qwen3.rope.dimension_count")) == (16, 16)
+    assert field("qwen3.context_length") == 64 and field("qwen3.rope.freq_base") == 500000.0
+    assert field("qwen3.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5)
+    assert field("general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert field("tokenizer.chat_template") == TEMPLATE
+    assert (field("tokenizer.ggml.model"), field("tokenizer.ggml.pre")) == ("gpt2", "gpt-2")
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == V and tokens[:260] == [tok.tokenizer.id_to_token(i) for i in range(260)]
+    assert field("tokenizer.ggml.eos_token_id") == tok.eos_id and field("tokenizer.ggml.bos_token_id") == tok.bos_id
+    assert "blk.1.attn_q_norm.weight" in {t.name for t in r.tensors}
+    assert "output.weight" in {t.name for t in r.tensors}
+
+
+def test_llama3_rope_factors(tmp_path, tok):
+    "Llama 3.1's RoPE scaling goes in as rope_freqs: llama.cpp divides each plain frequency by its factor."
+    model = tiny("model/positional=rope_llama3", "model.positional.scaling.original_max_seq_len=16",
+                 "model.positional.scaling.factor=4.0")
+    r = gguf.GGUFReader(to_gguf(model, tok, tmp_path / "l3.gguf"))
+    factors = torch.tensor(next(t for t in r.tensors if t.name == "rope_freqs.weight").data.copy())
+    plain = 1 / model.positional.theta ** (torch.arange(0, 16, 2) / 16)
+    torch.testing.assert_close(plain / factors, model.positional.inv_freq(16))
+    assert factors[-1] == 4 and factors.min() >= 1   # the slowest pairs divided by the factor, none sped up
+
+
+REFUSED = {   # overrides -> what the error names
+    "model/positional=alibi": "positional: ALiBi",
+    "model/norm=dyt": "norm: DyT",
+    "model/attention=mla": "attn: MLA",
+    "model/positional=learned": "positional: LearnedAbsolute",
+    "model/positional=nope": "positional: NoPE",
+    "model.placement=post": "placement='post'",
+    "model/attention=softcap": "softcap: on",
+    "model/mlp=gelu": "mlp: GELUMLP",
+    "model/attention=sliding_window model.attention.window=8": "attention.window: 8",
+    "model/positional=rope_yarn": "positional.scaling: yarn",
+    "model/positional=rope_dynamic": "positional.scaling: dynamic",
+    "model.positional.fraction=0.5": "positional.fraction: 0.5",
+}
+
+
+@pytest.mark.parametrize("overrides", list(REFUSED))
+def test_refusals_write_nothing(tmp_path, tok, overrides):
+    with pytest.raises(GGUFError, match="no llama.cpp") as e:
+        to_gguf(tiny(*overrides.split()), tok, tmp_path / "m.gguf")
+    assert REFUSED[overrides] in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_tokenizer_and_dtype_write_nothing(tmp_path, tok):
+    with pytest.raises(GGUFError, match="tokens for a model of vocab_size=64"):
+        to_gguf(tiny("data.vocab_size=64"), tok, tmp_path / "m.gguf")
+    with pytest.raises(GGUFError, match="dtype='q4_0'"):
+        to_gguf(tiny(), tok, tmp_path / "m.gguf", dtype="q4_0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write(tmp_path, tok, monkeypatch):
+    "A write that fails half-way leaves the previous file whole and no temporary file."
+    first = to_gguf(tiny(), tok, tmp_path / "m.gguf")
+    before = first.read_bytes()
+
+    def half(self, *a, **k):
+        self.fout[0].write(b"\x00" * 100)   # some tensor bytes, then the disk fills up
+        raise OSError("disk full")
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", half)
+    with pytest.raises(OSError, match="disk full"):
+        to_gguf(tiny("model/attention=mha"), tok, tmp_path / "m.gguf")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"] and first.read_bytes() == before
+
+
+# --- smollm-export
+
+
+def save_tokenizer_files(tok, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok.special | {"chat_template": TEMPLATE}))
+
+
+@pytest.fixture
+def run_dir(tmp_path, tok):
+    "A smollm-train run folder: config.yaml, one checkpoint, the tokenizer files (as a run writes them)."
+    from smollm.runs import save_checkpoint, save_config
+    from smollm.train import adamw
+    cfg = compose(["model=tiny", f"data.vocab_size={V}", "model.init_std=0.1"])
+    model = tiny()
+    run = tmp_path / "run"
+    save_config(cfg, run)
+    save_checkpoint(run / "checkpoints", 1, model, adamw(model), {"step": 1})
+    save_tokenizer_files(tok, run)
+    return run, model
+
+
+def test_cli_run_folder(run_dir, tmp_path, tok, capsys):
+    run, model = run_dir
+    assert export_cli([str(run), "--format", "gguf", "--dtype", "f16", "--out", str(tmp_path / "out" / "m.gguf")]) is None
+    assert "wrote" in capsys.readouterr().out
+    ids = torch.randint(0, V, (1, 20))
+    with torch.no_grad():
+        ours = model(ids)
+    assert (hf_logits(tmp_path / "out", "m.gguf", ids) - ours).abs().max() <= TOL["f16"]
+    r = gguf.GGUFReader(tmp_path / "out" / "m.gguf")
+    assert r.fields["tokenizer.chat_template"].contents() == TEMPLATE   # from the run's tokenizer_config.json
+    assert r.fields["general.name"].contents() == "run"
+    export_cli([str(run), "--format", "hf", "--out", str(tmp_path / "hf")])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours, atol=1e-5, rtol=0)
+    assert load_tokenizer(tmp_path / "hf").chat_template == TEMPLATE
+
+
+def test_cli_hf_folder(tmp_path, tok):
+    "A checkpoint transformers wrote goes out as GGUF with transformers' own logits."
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    ref = Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)).eval()
+    ref.save_pretrained(tmp_path / "qwen")
+    save_tokenizer_files(tok, tmp_path / "qwen")
+    export_cli([str(tmp_path / "qwen"), "--out", str(tmp_path / "out" / "q.gguf")])
+    ids = torch.randint(0, V, (2, 20))
+    with torch.no_grad():
+        want = ref(ids).logits
+    torch.testing.assert_close(hf_logits(tmp_path / "out", "q.gguf", ids), want, atol=1e-4, rtol=0)
+
+
+def test_cli_errors(run_dir, tmp_path, monkeypatch):
+    run, _ = run_dir
+    for argv, says in [(["--dtype", "q4_0"], "--dtype='q4_0' is not valid for gguf"),
+                       (["--format", "hf", "--dtype", "q8_0"], "--dtype='q8_0' is not valid for hf")]:
+        with pytest.raises(SystemExit, match=says):
+            export_cli([str(run), "--out", str(tmp_path / "x"), *argv])
+    with pytest.raises(SystemExit, match="not a checkpoint"):
+        export_cli([str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.gguf")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.gguf").exists()
+
+
+def test_cli_lora(run_dir, tmp_path, monkeypatch):
+    "A LoRA model (peft, through smollm.lora) is refused without --merge; with it the merged weights go out."
+    lora = pytest.importorskip("smollm.lora")
+    import smollm.runs
+    run, _ = run_dir
+    model = lora.for_training(tiny(), {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]})
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)   # peft starts B at zero: an adapter that changes nothing would prove nothing
+    ids = torch.randint(0, V, (1, 16))
+    with torch.no_grad():
+        want = model(ids)
+    monkeypatch.setattr(smollm.runs, "load_model", lambda path, dtype=None: model)   # a LoRA run, as D loads one
+    with pytest.raises(SystemExit, match="LoRA run .* pass --merge"):
+        export_cli([str(run), "--out", str(tmp_path / "m.gguf")])
+    assert not (tmp_path / "m.gguf").exists()
+    export_cli([str(run), "--merge", "--out", str(tmp_path / "m.gguf")])
+    assert not lora.is_lora(model)
+    torch.testing.assert_close(hf_logits(tmp_path, "m.gguf", ids), want, atol=1e-4, rtol=0)
+
+
+# --- llama.cpp itself
+
+
+def test_llama_cpp_greedy(tmp_path, tok):
+    """llama.cpp loads the file, gives smollm's logits (up to its f16 KV cache's rounding) and decodes
+    smollm's greedy tokens; its tokenizer gives smollm's ids. The closest check to LM Studio loading the file."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from smollm.generate import generate
+    prompt = tok.encode("Hello, world! The cat")
+    for overrides, _ in ARCHS.values():
+        model = tiny(*overrides)
+        f = to_gguf(model, tok, tmp_path / "m.gguf")
+        want = generate(model, torch.tensor([prompt]), 16)[0].tolist()
+        llm = llama_cpp.Llama(str(f), n_ctx=64, verbose=False, n_threads=1, logits_all=True)
+        llm.eval(prompt)
+        with torch.no_grad():
+            ours = model(torch.tensor([prompt]))[0]
+        assert (torch.tensor(llm.scores[:len(prompt)]) - ours).abs().max() < 1e-2, overrides
+        got = list(prompt)
+        while len(got) < len(want):
+            got.append(int(llm.scores[llm.n_tokens - 1].argmax()))
+            llm.eval([got[-1]])
+        assert got == want, overrides
+        assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == tok.encode(TEXT)
+        llm.close()
