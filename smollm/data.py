@@ -57,12 +57,13 @@ KNOWN_SPECIALS = {  # names tried, in order, in a pretrained tokenizer that is n
     "pad": ("<pad>", "<|pad|>", "<unk>")}
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)   # every byte, plus the specials
 
-def train_bpe(texts: Iterator[str], vocab_size: int, length: int | None = None) -> Tokenizer:
-    "A byte-level BPE of at most `vocab_size` tokens trained on the strings `texts` (`length`: their count, for progress)."
+def train_bpe(texts: Iterator[str], vocab_size: int, length: int | None = None, special: Sequence[str] = ()) -> Tokenizer:
+    """A byte-level BPE of at most `vocab_size` tokens trained on the strings `texts` (`length`: their count, for
+    progress); `special`: more special tokens, after SPECIAL_TOKENS' (e.g. a chat template's role marks)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[*SPECIAL_TOKENS.values(), *special],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer, length=length)
     tok.encode_special_tokens = True
@@ -104,6 +105,8 @@ class DataSource:
     kind = "data"             # the config name, also the prefix of the cache folder
     metric = "loss"           # what validation reports: "loss" (corpora) or "accuracy" (MQAR)
     tokenizer = bos_id = eos_id = pad_id = None
+    score_columns: tuple[str, ...] = ()   # names of the figures `score` returns (metrics.csv columns)
+    packed = False            # True: batches are (x, y, doc), several documents per row (smollm.sft.ChatData)
 
     def prepare(self):
         "Build whatever the source needs (idempotent); returns self."
@@ -111,16 +114,16 @@ class DataSource:
 
     def batch(self, split: str, step: int, batch_size: int, block_size: int, seed: int,
               rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y): LongTensors (batch_size, block_size); y = -100 where no loss is taken. A pure function of its
-        arguments: `rank`'s rows of the global batch of batch_size x world_size rows (`rank_rows`), which does not
-        depend on world_size."""
+        """(x, y) or (x, y, doc): LongTensors (batch_size, block_size); y = -100 where no loss is taken; doc (packed
+        sources) numbers the document of each token within its row, nondecreasing (`Transformer.loss(..., doc=)`).
+        A pure function of its arguments: `rank`'s rows of the global batch of batch_size x world_size rows
+        (`rank_rows`), which does not depend on world_size."""
         raise NotImplementedError
 
     def val_batches(self, n: int, batch_size: int, block_size: int, rank: int = 0,
                     world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
         "The fixed validation set (`rank`'s slices of it): n batches, the same in every run whatever its seed."
         return [self.batch("val", i, batch_size, block_size, 0, rank, world_size) for i in range(n)]
-
 
     def encode(self, text: str) -> list[int]:
         raise DataError(f"data={self.kind} has no text tokenizer: encode/decode are for the token corpora")
@@ -133,6 +136,11 @@ class DataSource:
 
     def describe(self) -> str:
         return self.kind
+
+    def score(self, model, device) -> dict[str, float]:
+        """Figures of `model` beyond the loss (e.g. exact match of generated answers), one per `score_columns`; the
+        trainer calls it at every evaluation and at the end, on rank 0, in eval mode, under no_grad."""
+        return {}
 
     def _check_batch(self, split, step, batch_size, block_size, rank, world_size):
         if split not in ("train", "val"): raise DataError(f"split={split!r}: use 'train' or 'val'")

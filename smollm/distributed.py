@@ -143,13 +143,14 @@ def mean_over_ranks(*values: float) -> list[float]:
 
 # %% ../nbs/40_distributed.ipynb #e4572238
 class Loss(nn.Module):
-    "`model.loss(x, y)` as this module's forward (what DDP wraps); `model` keeps its parameters and their names."
+    """`model.loss(x, y)`, or `model.loss(x, y, doc=doc)` for packed rows, as this module's forward (what DDP wraps);
+    `model` keeps its parameters and their names."""
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(x, y)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, doc: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.loss(x, y) if doc is None else self.model.loss(x, y, doc=doc)
 
 # %% ../nbs/40_distributed.ipynb #d0da0400
 def checkpoint_each_block(model: nn.Module) -> nn.Module:

@@ -479,6 +479,19 @@ def _token(v) -> str | None:
     "A special token as tokenizer_config.json stores it: a string, or an AddedToken dict with 'content'."
     return v.get("content") if isinstance(v, dict) else v
 
+import functools
+
+@functools.lru_cache(maxsize=8)
+def _compiled_template(template: str):
+    "A chat template compiled once (compiling takes far longer than rendering; SFT renders every conversation)."
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    def raise_exception(msg): raise CheckpointError(f"chat template: {msg}")
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
 @dataclass
 class HFTokenizer:
     "A `tokenizers.Tokenizer` with the special tokens and chat template of its tokenizer_config.json."
@@ -510,13 +523,7 @@ class HFTokenizer:
         "Render `messages` ([{'role': ..., 'content': ...}, ...]) with the chat template; token ids if `tokenize`."
         if not self.chat_template:
             raise CheckpointError("this tokenizer has no chat_template (tokenizer_config.json or chat_template.jinja)")
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-        def raise_exception(msg): raise CheckpointError(f"chat template: {msg}")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
-        env.globals["raise_exception"] = raise_exception
-        text = env.from_string(self.chat_template).render(
+        text = _compiled_template(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **self.special, **kwargs)
         return self.encode(text, add_special_tokens=False) if tokenize else text
 

@@ -332,7 +332,8 @@ def _load_single_process_format(path: Path, model, optimizer):
 # %% ../nbs/09_runs.ipynb #940dbec1
 def save_tokenizer(source, run_dir) -> None:
     """Write the tokenizer of data source `source` (a `tokenizers.Tokenizer` in `source.tokenizer`, with `bos_id`,
-    `eos_id`, `pad_id`) into run_dir: tokenizer.json and tokenizer_config.json. Nothing when it has none."""
+    `eos_id`, `pad_id`, and `chat_template` for chat data) into run_dir: tokenizer.json and tokenizer_config.json
+    (the special tokens' names and the chat template). Nothing when it has none."""
     if getattr(source, "tokenizer", None) is None:   # synthetic tasks (MQAR) have none
         return
     run_dir = Path(run_dir)
@@ -340,6 +341,8 @@ def save_tokenizer(source, run_dir) -> None:
     _write_atomic(run_dir / "tokenizer.json", tok.to_str())
     names = {f"{k}_token": tok.id_to_token(i) for k, i in
              (("bos", source.bos_id), ("eos", source.eos_id), ("pad", source.pad_id)) if i is not None}
+    if getattr(source, "chat_template", None):   # smollm-chat and the GGUF export lay conversations out with it
+        names["chat_template"] = source.chat_template
     _write_atomic(run_dir / "tokenizer_config.json", json.dumps(names, indent=1))
 
 # %% ../nbs/09_runs.ipynb #c204803b

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from .config import ConfigError, build_model, compose, conf_dir, validate
 from .distributed import (DistEnv, broadcast, choose_strategy, close, full_value, grad_sync, init, is_main,
                                 mean_over_ranks, read_env, sum_over_ranks, wrap)
@@ -25,9 +25,10 @@ from .runs import (METRIC_COLUMNS, MetricsLog, latest_checkpoint, load_checkpoin
 
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'LAUNCHER_PLUGINS', 'decay_groups', 'adamw', 'Optimizers', 'muon', 'Cosine', 'WSD', 'Constant',
-           'flops_per_token', 'peak_flops', 'autocast', 'accumulate', 'evaluate', 'plot_metrics', 'TrainRun',
-           'per_rank_batch', 'set_up', 'resume', 'open_run', 'TrainingError', 'train_step', 'log_metrics', 'checkpoint',
-           'vs_unigram', 'final_line', 'finish', 'write_samples', 'train', 'check_launcher', 'main']
+           'flops_per_token', 'peak_flops', 'autocast', 'target_shares', 'accumulate', 'evaluate', 'plot_metrics',
+           'TrainRun', 'per_rank_batch', 'init_model_config', 'with_init_from', 'initial_model', 'set_up', 'resume',
+           'open_run', 'TrainingError', 'train_step', 'score', 'evaluation', 'log_metrics', 'checkpoint', 'vs_unigram',
+           'final_line', 'finish', 'write_samples', 'train', 'check_launcher', 'main']
 
 # %% ../nbs/21_train.ipynb #82800202
 def _table_params(model: nn.Module) -> set[int]:
@@ -188,15 +189,30 @@ def autocast(device: torch.device, precision: str = "bf16"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
+def target_shares(batches) -> list[float] | None:
+    """Each micro-batch's weight in the step's loss, so that the step's gradient is that of the mean over every target
+    of the step on all ranks: its count of targets x world size / the count over all ranks (DDP and FSDP2 then
+    average over ranks). None when every micro-batch of every rank holds the same count: the weight is 1/n."""
+    counts = [int((b[1] != -100).sum()) for b in batches]
+    total, world = sum_over_ranks(sum(counts), 1)      # one all_reduce for both
+    if any(c == 0 for c in counts):
+        raise ValueError(f"micro-batch {counts.index(0)} of this step has no target (every y is -100); a data source "
+                         "must give every micro-batch at least one target")
+    if all(c * len(counts) * world == total for c in counts): return None
+    return [c * world / total for c in counts]
+
 def accumulate(loss_fn, batches, device: torch.device, precision: str = "fp32") -> torch.Tensor:
-    """Backward over micro-batches [(x, y), ...] with losses scaled by 1/len(batches); returns the mean loss
-    (detached). A DDP `loss_fn` averages the gradients over ranks in the last backward pass only."""
-    total = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(batches):
+    """Backward over micro-batches [(x, y) or (x, y, doc), ...]; returns this rank's share of the step's mean loss
+    (detached; its mean over ranks is the step's loss). Each micro-batch's mean loss is weighted by `target_shares`
+    (1/len(batches) when the counts are equal). `doc` goes to loss_fn when present. A DDP `loss_fn` averages the
+    gradients over ranks in the last backward pass only."""
+    shares, total = target_shares(batches), torch.zeros((), device=device)
+    for i, (x, y, *doc) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with grad_sync(loss_fn, enabled=i == len(batches) - 1):
             with autocast(device, precision):
-                loss = loss_fn(x, y) / len(batches)
+                loss = loss_fn(x, y, doc[0].to(device, non_blocking=True)) if doc else loss_fn(x, y)
+                loss = loss / len(batches) if shares is None else loss * shares[i]
             loss.backward()
         total += loss.detach()
     return total
@@ -205,21 +221,23 @@ def accumulate(loss_fn, batches, device: torch.device, precision: str = "fp32") 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device: torch.device, precision: str = "fp32",
              accuracy: bool = False) -> dict:
-    """Mean loss per target over `batches` [(x, y)], its perplexity, and (accuracy=True) the argmax accuracy. With
-    several ranks each holds its slices of the batches, and the sums of losses and targets are taken over all."""
+    """Mean loss per target over `batches` [(x, y) or (x, y, doc)], its perplexity, and (accuracy=True) the argmax
+    accuracy. With several ranks each holds its slices of the batches, and the sums of losses and targets are taken
+    over all."""
 
     was = model.training; model.eval()
     loss_sum, n, correct = 0.0, 0, 0
-    for x, y in batches:
+    for x, y, *doc in batches:
         x, y = x.to(device), y.to(device)
+        kw = {"doc": doc[0].to(device)} if doc else {}
         k = int((y != -100).sum())
         with autocast(device, precision):
             if accuracy:
-                logits = model(x).float()
+                logits = model(x, **kw).float()
                 loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
                 correct += int(((logits.argmax(-1) == y) & (y != -100)).sum())
             else:
-                loss = model.loss(x, y).float() * k
+                loss = model.loss(x, y, **kw).float() * k if k else torch.zeros(())
         loss_sum, n = loss_sum + float(loss), n + k
     model.train(was)
     loss_sum, n, correct = sum_over_ranks(loss_sum, n, correct)   # each rank held its slice of every batch
@@ -353,6 +371,51 @@ def _with_batch_size(cfg: DictConfig, batch_size: int) -> DictConfig:
     cfg.trainer.batch_size = batch_size
     return cfg
 
+# %% ../nbs/21_train.ipynb #eb378e55
+def init_model_config(path) -> DictConfig:
+    """The model config of the checkpoint folder `path` (init_from): a smollm-train run's (its config.yaml) or a
+    Hugging Face checkpoint's (config.json through `smollm.hf.hf_overrides`); ConfigError when it is neither."""
+    p = Path(str(path)).expanduser()
+    if (p / "config.yaml").is_file() and (p / "checkpoints").is_dir():
+        from smollm.runs import read_config
+        return read_config(p).model
+    if (p / "config.json").is_file():
+        from smollm.hf import hf_overrides, read_hf_config
+        try: return compose(hf_overrides(read_hf_config(p))).model
+        except ValueError as e: raise ConfigError(f"init_from={str(path)!r}: {e}") from None
+    raise ConfigError(f"init_from={str(path)!r} is neither a smollm-train run folder (config.yaml and checkpoints/) nor "
+                      f"a Hugging Face checkpoint folder (config.json and weights)"
+                      + ("; it does not exist" if not p.exists() else "") + "; or init_from=null for new weights")
+
+def with_init_from(cfg: DictConfig) -> DictConfig:
+    """`cfg` itself when init_from is null; else a copy whose `model` is the checkpoint's model config, whose init_from
+    is an absolute path, and whose data reads the checkpoint's tokenizer (a null data.tokenizer_path becomes the
+    folder's tokenizer.json, data.vocab_size the model's)."""
+    if not cfg.get("init_from"): return cfg
+    folder = Path(str(cfg.init_from)).expanduser().resolve()
+    model = OmegaConf.to_container(init_model_config(folder), resolve=True)
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.init_from, cfg.model = str(folder), model
+        if "tokenizer_path" in cfg.data and cfg.data.tokenizer_path is None and (folder / "tokenizer.json").is_file():
+            cfg.data.tokenizer_path = str(folder / "tokenizer.json")
+        if "vocab_size" in cfg.data: cfg.data.vocab_size = model["vocab_size"]
+    return cfg
+
+def initial_model(cfg: DictConfig) -> nn.Module:
+    """The model a run starts from, in training mode: new weights built from cfg.model, or (init_from) the checkpoint's
+    in fp32, any LoRA adapter it carried folded in; then, with sft.lora.rank set, a new LoRA adapter on it."""
+    if not cfg.get("init_from"): model = build_model(cfg.model)
+    else:
+        from smollm.runs import load_model
+        try: model = load_model(cfg.init_from)
+        except (FileNotFoundError, ValueError) as e: raise ConfigError(f"init_from={cfg.init_from!r}: {e}") from None
+        model = model.float()
+    if cfg.get("sft") is None: return model.train()
+    from smollm.lora import check_base, for_training, merge
+    check_base(cfg)
+    return for_training(merge(model), cfg.sft.get("lora")).train()
+
 # %% ../nbs/21_train.ipynb #c820fbfe
 def _source(cfg: DictConfig, source=None):
     "The prepared data source (`source`, else `build_data(cfg.data)`), checked against the model's vocabulary."
@@ -365,10 +428,18 @@ def _source(cfg: DictConfig, source=None):
                           f"({source.vocab_size}); set model.vocab_size: ${{data.vocab_size}} or larger")
     return source
 
+def _check_packing(source, model):
+    "Refuse a packed source (batches with `doc`) for a model that cannot keep the documents of a row apart."
+    if not getattr(source, "packed", False): return
+    why = model.packing_refusal()
+    if why:
+        raise ConfigError(f"sft.pack=true: {why}; set sft.pack=false (one conversation per row, padded), or choose a "
+                          "backend that can apply a document mask")
+
 def set_up(cfg: DictConfig, run_dir=None, source=None) -> TrainRun:
     """Check the config, seed torch, Python and NumPy from cfg.seed, and build a `TrainRun` in `run_dir` (default:
     the current folder; rank 0's under torchrun): the data source (`source`, else `build_data(cfg.data)`), the model
-    on trainer.device, wrapped for trainer.parallel (joining the process group first), its optimizer and schedule,
+    (`initial_model`: new, or init_from's, with any LoRA adapter) on trainer.device, wrapped for trainer.parallel (joining the process group first), its optimizer and schedule,
     and this rank's slices of the validation batches."""
     from hydra.utils import instantiate
     validate(cfg)
@@ -382,8 +453,10 @@ def set_up(cfg: DictConfig, run_dir=None, source=None) -> TrainRun:
     if tc.get("threads"): torch.set_num_threads(int(tc.threads))   # e.g. 1 per run when several share a CPU
     if env.device.type == "cuda": torch.set_float32_matmul_precision("high")
     torch.manual_seed(cfg.seed); random.seed(cfg.seed); np.random.seed(cfg.seed)
+    cfg = with_init_from(cfg)
     source = _source(cfg, source)
-    T, model = cfg.model.block_size, build_model(cfg.model).to(env.device)
+    T, model = cfg.model.block_size, initial_model(cfg).to(env.device)
+    _check_packing(source, model)
     flops = flops_per_token(model, T)
     loss_fn = wrap(model, strategy, env, tc.get("activation_checkpointing", False), tc.get("compile_blocks", False),
                    mixed_precision=strategy == "fsdp" and env.device.type == "cuda" and tc.precision == "bf16")
@@ -440,7 +513,8 @@ def open_run(run: TrainRun):
     if not run.env.is_main: return
     save_config(run.cfg, run.run_dir)
     save_tokenizer(src, run.run_dir)
-    run.log = MetricsLog(run.run_dir / "metrics.csv", list(METRIC_COLUMNS) + (["val_acc"] if run.accuracy else []),
+    columns = list(METRIC_COLUMNS) + (["val_acc"] if run.accuracy else []) + list(getattr(src, "score_columns", ()))
+    run.log = MetricsLog(run.run_dir / "metrics.csv", columns,
                          keep_until=run.start if run.resumed_from is not None else None)
     n_params = run.model.num_params()
     update_run_json(run.run_dir, status="running", step=run.start, max_steps=tc.max_steps, params=n_params,
@@ -482,10 +556,31 @@ def train_step(run: TrainRun) -> tuple[float, float]:
     return loss, grad_norm
 
 # %% ../nbs/21_train.ipynb #67dbcc49
+def score(run: TrainRun) -> dict:
+    """The data source's own figures of the model (`source.score(model, device)`, one per `source.score_columns`), in
+    eval mode under no_grad: on rank 0 alone, or on every rank under FSDP2, whose forward passes need them all.
+    {} on the other ranks and for a source that declares no score_columns."""
+    src = run.source
+    columns = tuple(getattr(src, "score_columns", ()))
+    if not columns or not (run.env.is_main or run.strategy == "fsdp"): return {}
+    was = run.model.training; run.model.eval()
+    try:
+        with torch.no_grad(): out = dict(src.score(run.model, run.device))
+    finally:
+        run.model.train(was)
+    if set(out) - set(columns):
+        raise ValueError(f"{type(src).__name__}.score returned {sorted(set(out) - set(columns))}, which its "
+                         f"score_columns {columns} do not declare")
+    return out if run.env.is_main else {}
+
+def evaluation(run: TrainRun) -> dict:
+    "The validation figures (`evaluate`) and the source's scores (`score`) of the model now."
+    return {**evaluate(run.model, run.val, run.device, run.tc.precision, run.accuracy), **score(run)}
+
 def log_metrics(run: TrainRun, grad_norm: float, last: bool = False):
     """After a step: a metrics.csv row when the step is a multiple of log_every, an evaluation step (a multiple of
-    eval_every, or max_steps: the row then holds the validation figures), or the `last` step of this process. The
-    training loss and the seconds are means over ranks (every rank calls this); rank 0 writes the row."""
+    eval_every, or max_steps: the row then holds the validation figures and scores), or the `last` step of this
+    process. The training loss and the seconds are means over ranks (every rank calls this); rank 0 writes the row."""
     tc, s = run.tc, run.since
     is_eval = run.step % tc.eval_every == 0 or run.step == tc.max_steps
     if not (run.step % tc.log_every == 0 or is_eval or last): return
@@ -495,7 +590,7 @@ def log_metrics(run: TrainRun, grad_norm: float, last: bool = False):
     row = dict(step=run.step, tokens=run.tokens, train_loss=train_loss, lr=run.optimizer.param_groups[0]["lr"],
                tokens_per_s=tps, grad_norm=grad_norm, mfu=mfu)
     if is_eval:
-        run.last_eval, run.eval_step = evaluate(run.model, run.val, run.device, tc.precision, run.accuracy), run.step
+        run.last_eval, run.eval_step = evaluation(run), run.step
         row.update(run.last_eval)
     if run.log is not None: run.log.write(row)
     run.since = _window()
@@ -527,8 +622,8 @@ def final_line(summary: dict, seconds: float, run_dir) -> str:
 
 # %% ../nbs/21_train.ipynb #b9cec0da
 def finish(run: TrainRun, t_start: float) -> dict:
-    """After the loop: loss.png; then, if max_steps was reached, samples.txt, a last evaluation when the last step
-    had none, the summary in run.json and the closing line (rank 0 writes and prints; every rank evaluates and
+    """After the loop: loss.png; then, if max_steps was reached, samples.txt, a last evaluation (and scores) when the
+    last step had none, the summary in run.json and the closing line (rank 0 writes and prints; every rank evaluates and
     samples, as FSDP2 needs). Returns the summary ({'status': 'stopped'} if not)."""
     tc, src, T, main = run.tc, run.source, run.cfg.model.block_size, run.env.is_main
     if main:
@@ -545,7 +640,7 @@ def finish(run: TrainRun, t_start: float) -> dict:
     write_samples(run.model, src, run.val, run.run_dir / "samples.txt" if main else None, tc.get("samples", 3),
                   tc.get("sample_tokens", 48), T)
     if run.eval_step != run.step:      # e.g. a resumed run that had already finished
-        run.last_eval = evaluate(run.model, run.val, run.device, tc.precision, run.accuracy)
+        run.last_eval = evaluation(run)
     steady_tokens, (steady,) = (run.step - run.start - 1) * run.tokens_per_step, mean_over_ranks(run.t_steady)
     summary = dict(status="done", step=run.step, tokens=run.tokens, params=run.model.num_params(), metric=src.metric,
                    unigram_loss=unigram, train_seconds=run.t_train,
@@ -557,19 +652,22 @@ def finish(run: TrainRun, t_start: float) -> dict:
 
 # %% ../nbs/21_train.ipynb #0b4977ae
 def write_samples(model, source, val, path, n: int, new_tokens: int, max_len: int):
-    """samples.txt at `path`: greedy continuations (smollm.generate) of the first 16 tokens of a few validation windows
-    (text only). path=None: generate without writing (the ranks other than 0, whose forward passes FSDP2 needs)."""
+    """samples.txt at `path`: greedy continuations (smollm.generate) of the source's `sample_prompts(n)` when it has
+    them (chat data: the opening turns of validation conversations), else of the first 16 tokens of a few validation
+    windows (text only). path=None: generate without writing (the ranks other than 0, whose forward passes FSDP2 needs)."""
     if not n: return
     if source.tokenizer is None:
         if path is not None:
             Path(path).write_text(f"data={getattr(source, 'kind', 'this source')} has no text to sample; see val_acc in metrics.csv\n")
         return
     from smollm.generate import generate   # one way: generate imports nothing of train
-    x, out = val[0][0], []
-    prompt_len = min(16, max_len - 1)
-    for i in range(min(n, x.shape[0])):
-        prompt = x[i:i + 1, :prompt_len].to(next(model.parameters()).device)
-        ids = generate(model, prompt, min(new_tokens, max_len - prompt_len), eos_id=source.eos_id)[0, prompt_len:]
+    x, out, device = val[0][0], [], next(model.parameters()).device
+    prompts = (source.sample_prompts(n) if hasattr(source, "sample_prompts") else
+               [x[i, :min(16, max_len - 1)].tolist() for i in range(min(n, x.shape[0]))])
+    for i, p in enumerate(prompts):
+        prompt = torch.tensor([p[-(max_len - 1):]], device=device)
+        k = prompt.shape[1]
+        ids = generate(model, prompt, min(new_tokens, max_len - k), eos_id=source.eos_id)[0, k:]
         out.append(f"--- sample {i + 1}: prompt ---\n{source.decode(prompt[0].tolist())}\n--- continuation ---\n"
                    f"{source.decode(ids.tolist())}\n")
     if path is not None: Path(path).write_text("\n".join(out))

@@ -1,0 +1,209 @@
+"""SFT end to end at a tiny size: the loss mask (prompt targets take no loss or gradient, each assistant turn's EOS
+does), loss_on=all, the Zephyr template, an HF tokenizer's own template, packing without cross-talk, bad rows,
+init_from a run folder and an HF folder, and `smollm-train data=chat` followed by `smollm-chat`."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from smollm.config import ConfigError, build_model, compose
+from smollm.data import DataError
+from smollm.hf import load_tokenizer, to_hf
+from smollm.runs import load_run, read_config
+from smollm.sft import ChatData, ZEPHYR_TEMPLATE, encode_chat, to_example
+from smollm.train import set_up, train
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TINY = ["model=tiny", "data=chat", "data.vocab_size=512", "trainer.batch_size=4", "trainer.progress=false",
+        "trainer.eval_batches=2", "trainer.samples=1", "trainer.sample_tokens=8"]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"},
+        {"role": "assistant", "content": "2 + 3 = 5."}, {"role": "user", "content": "Thanks!"},
+        {"role": "assistant", "content": "You're welcome!"}]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def source(cache):
+    return ChatData(vocab_size=512, cache_dir=str(cache))
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, cache):
+    "A tiny SFT run on the sample conversations (its folder)."
+    run_dir = tmp_path_factory.mktemp("sft_run")
+    train(compose(TINY + ["trainer.max_steps=4", "trainer.eval_every=4", f"data.cache_dir={cache}"]), run_dir)
+    return run_dir
+
+
+def tiny_model(vocab):
+    return build_model(compose(["model=tiny", f"data.vocab_size={vocab}"]).model)
+
+
+def grads(model):
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_zephyr_text(source):
+    text = source.chat.apply_chat_template(CHAT, add_generation_prompt=False)
+    assert text == ("<|system|>\nBe brief.<|eos|>\n<|user|>\nWhat is 2 + 3?<|eos|>\n<|assistant|>\n2 + 3 = 5.<|eos|>\n"
+                    "<|user|>\nThanks!<|eos|>\n<|assistant|>\nYou're welcome!<|eos|>\n")
+    assert source.chat_template == ZEPHYR_TEMPLATE
+
+
+def test_prompt_targets_take_no_loss_or_gradient(source):
+    "Changing the next tokens at prompt positions leaves loss and gradients alone; changing an assistant one does not."
+    ids, trained = encode_chat(source.chat, CHAT)
+    x, y = map(torch.from_numpy, to_example(ids, trained))
+    nxt = torch.from_numpy(ids[1:]).clone()                       # every position's true next token
+    prompt = ~torch.from_numpy(trained[1:])
+    other = (nxt + 7) % source.vocab_size
+    model = tiny_model(source.vocab_size)
+
+    def loss_and_grads(labels):
+        model.zero_grad()
+        yy = torch.where(torch.from_numpy(trained[1:]), labels, torch.tensor(-100))
+        loss = model.loss(x[None], yy[None])
+        loss.backward()
+        return loss.item(), grads(model)
+
+    base_loss, base_grads = loss_and_grads(nxt)
+    assert torch.equal(torch.where(torch.from_numpy(trained[1:]), nxt, torch.tensor(-100)), y)
+    # an independent reference: the mean of -log p(next token) over the assistant positions only
+    logp = torch.log_softmax(model(x[None])[0].double(), -1)
+    ref = -logp[~prompt, nxt[~prompt]].mean().item()
+    assert abs(base_loss - ref) < 1e-5
+    l2, g2 = loss_and_grads(torch.where(prompt, other, nxt))      # the prompt positions' labels changed
+    assert l2 == base_loss and all(torch.equal(a, b) for a, b in zip(base_grads, g2))
+    first = int(torch.nonzero(~prompt)[0])
+    changed = nxt.clone(); changed[first] = other[first]
+    l3, g3 = loss_and_grads(changed)
+    assert abs(l3 - base_loss) > 1e-4 and not all(torch.equal(a, b) for a, b in zip(base_grads, g3))
+
+
+def test_each_assistant_turn_ends_with_a_trained_eos(source):
+    ids, trained = encode_chat(source.chat, CHAT)
+    eos = source.eos_id
+    assert (ids == eos).sum() == 5                                # every turn ends with EOS ...
+    assert (trained & (ids == eos)).sum() == 2                    # ... the two assistant ones are trained
+    runs = np.flatnonzero(np.diff(np.concatenate([[0], trained.astype(int), [0]])))   # [start, end) of trained runs
+    texts = [source.decode(ids[s:e]) for s, e in zip(runs[::2], runs[1::2])]
+    assert texts == ["2 + 3 = 5.<|eos|>", "You're welcome!<|eos|>"]
+
+
+def test_loss_on_all_takes_every_token(cache):
+    src = ChatData(vocab_size=512, cache_dir=str(cache), loss_on="all")
+    x, y = src.batch("val", 0, 4, 64, 0)
+    for r in range(4):
+        n = int((x[r] != src.pad_id).sum())                       # the conversation's inputs, then padding
+        assert (y[r, :n] != -100).all() and (y[r, n:] == -100).all()
+        assert torch.equal(y[r, :n - 1], x[r, 1:n])
+    with pytest.raises(DataError, match="sft.loss_on='some'"):
+        ChatData(loss_on="some")
+
+
+def write_hf_tokenizer(folder, template):
+    "A tiny Hugging Face tokenizer folder: characters as tokens, ChatML marks as special tokens, its own template."
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    chars = sorted(set("".join(m["content"] for m in CHAT) + "\nsystemuserassistant"))
+    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(["<unk>", *chars])}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": "<unk>", "chat_template": template}))
+    return folder
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_hf_template_masks_exactly_the_assistant_contents(tmp_path):
+    folder = write_hf_tokenizer(tmp_path / "tok", CHATML)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n")
+    src = ChatData([tmp_path / "c.jsonl"], tokenizer=str(folder), cache_dir=str(tmp_path))
+    assert src.chat_template == CHATML and src.eos_id == src.tokenizer.token_to_id("<|im_end|>")
+    ids, trained = encode_chat(src.chat, CHAT)
+    text = src.decode(ids)
+    assert text.replace(" ", "") == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?"
+                                     "<|im_end|>\n<|im_start|>assistant\n2 + 3 = 5.<|im_end|>\n<|im_start|>user\n"
+                                     "Thanks!<|im_end|>\n<|im_start|>assistant\nYou're welcome!<|im_end|>\n").replace(" ", "")
+    pieces = [src.tokenizer.id_to_token(int(i)) for i in ids[trained]]
+    assert "".join(pieces) == "2 + 3 = 5.<|im_end|>You're welcome!<|im_end|>"
+    x, y = src.batch("train", 0, 1, 128, 0)
+    assert "".join(src.tokenizer.id_to_token(int(i)) for i in y[0][y[0] != -100]) == "".join(pieces)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
+    shifty = "{% for m in messages %}{{ m['role'] + ':' + m['content'] + ('!' if loop.last else '') }}{% endfor %}"
+    folder = write_hf_tokenizer(tmp_path / "tok", shifty)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n")
+    with pytest.raises(DataError, match="renders the turns before assistant turn 2 differently"):
+        ChatData([tmp_path / "c.jsonl"], tokenizer=str(folder), cache_dir=str(tmp_path)).prepare()
+
+
+@pytest.mark.parametrize("row, where", [
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "row 1: messages[0].role is 'robot'"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "row 1: no message has role 'assistant'"),
+    ({"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "a"}]},
+     "row 1: messages[0].content (user) is empty"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "row 1: messages[0].content is NoneType"),
+    ({"text": "no messages"}, "row 1: field 'messages' is None")])
+def test_bad_rows_name_file_row_and_field(tmp_path, row, where):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"messages": CHAT}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError) as e:
+        ChatData([f], cache_dir=str(tmp_path)).prepare()
+    assert str(f) in str(e.value) and where in str(e.value)
+
+
+def test_init_from_a_run_folder_and_an_hf_folder(sft_run, cache, tmp_path):
+    base, _ = load_run(sft_run)
+    src_loss = None
+    for folder in (sft_run, to_hf(base, tmp_path / "hf")):
+        if folder != sft_run:                                      # the HF folder gets the run's tokenizer files
+            for f in ("tokenizer.json", "tokenizer_config.json"): shutil.copy(sft_run / f, folder / f)
+        cfg = compose(TINY + [f"init_from={folder}", "model.dim=32", f"data.cache_dir={cache}", "trainer.max_steps=1"])
+        run = set_up(cfg, tmp_path / f"ft_{folder.name}")
+        assert run.cfg.model.dim == 64 and run.source.tokenizer_folder == str(Path(folder).resolve())
+        x, y = run.val[0]
+        with torch.no_grad():
+            got, want = run.model.loss(x, y).item(), base.loss(x, y).item()
+        assert abs(got - want) < 1e-5, folder
+        assert run.source.chat_template == ZEPHYR_TEMPLATE
+    train(cfg, tmp_path / "ft")
+    assert read_config(tmp_path / "ft").model.dim == 64              # config.yaml records the model actually trained
+    load_run(tmp_path / "ft")
+    with pytest.raises(ConfigError, match="init_from=.* is neither a smollm-train run folder"):
+        set_up(compose(TINY + [f"init_from={tmp_path}"]), tmp_path / "x")
+
+
+def test_run_folder_records_the_chat_template(sft_run):
+    tc = json.loads((sft_run / "tokenizer_config.json").read_text())
+    assert tc["chat_template"] == ZEPHYR_TEMPLATE and tc["eos_token"] == "<|eos|>"
+    tok = load_tokenizer(sft_run)
+    assert tok.apply_chat_template(CHAT[1:2]) == "<|user|>\nWhat is 2 + 3?<|eos|>\n<|assistant|>\n"
+
+
+def test_smollm_train_then_smollm_chat(tmp_path):
+    "The console scripts: a short SFT run on the sample data, then a chat with it on stdin."
+    run_dir = tmp_path / "run"
+    out = subprocess.run([str(BIN / "smollm-train"), *TINY, "trainer.max_steps=3", f"data.cache_dir={tmp_path}",
+                          f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "chat (" in out.stdout and "loss on assistant tokens" in out.stdout
+    chat = subprocess.run([str(BIN / "smollm-chat"), str(run_dir), "--max-new-tokens", "5"], input="What is 2 + 3?\nHi!\n",
+                          capture_output=True, text=True, timeout=120)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout.count("\n") >= 2                           # each answer ends its line
