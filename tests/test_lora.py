@@ -285,3 +285,15 @@ def test_an_fsdp2_sharded_lora_model_saves_its_adapter_alone(tmp_path):
     load_checkpoint(ck, plain)
     with torch.no_grad():
         assert torch.equal(plain(x), want)
+
+
+def test_a_lora_run_on_a_hugging_face_base(tmp_path):
+    "init_from may be a Hugging Face folder: load_run rebuilds that base (smollm.hf.from_hf) with the adapter."
+    from smollm.hf import to_hf
+    hf = to_hf(tiny(), tmp_path / "hf")
+    cfg = OmegaConf.merge(OmegaConf.to_container(CFG), {"init_from": str(hf), "sft": {"lora": LORA}})
+    m = nonzero_adapter(for_training(load_model(hf), cfg.sft.lora))
+    save_config(cfg, tmp_path / "lora"); save_checkpoint(tmp_path / "lora" / "checkpoints", 1, m, adamw(m), {})
+    x, _ = batch(seed=3)
+    with torch.no_grad():
+        assert torch.equal(load_run(tmp_path / "lora")[0](x), m(x))
