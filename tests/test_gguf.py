@@ -125,8 +125,17 @@ def test_sentencepiece_tokenizer(tmp_path):
     types = r.fields["tokenizer.ggml.token_type"].contents()
     assert types[sp.tokenizer.token_to_id("<0x41>")] == gguf.TokenType.BYTE
     assert types[0] == gguf.TokenType.UNKNOWN and types[1] == gguf.TokenType.CONTROL
+    assert r.fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    text = "the cat sat, café 你"   # 你 is not in the vocabulary: byte tokens
     ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file="sp.gguf")
-    assert ref.encode("the cat sat, café", add_special_tokens=False) == sp.encode("the cat sat, café", False)
+    assert ref.encode(text, add_special_tokens=False) == sp.encode(text, False)
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(str(tmp_path / "sp.gguf"), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=True, special=False) == sp.encode(text)   # with <s> in front
+    llm.close()
 
 
 def test_metadata(tmp_path, tok):
