@@ -45,8 +45,8 @@ def sft_run(tmp_path_factory, cache):
     return run_dir
 
 
-def tiny_model(vocab):
-    return build_model(compose(["model=tiny", f"data.vocab_size={vocab}"]).model)
+def tiny_model(vocab, block_size=64):
+    return build_model(compose(["model=tiny", f"data.vocab_size={vocab}", f"model.block_size={block_size}"]).model)
 
 
 def grads(model):
@@ -109,6 +109,35 @@ def test_loss_on_all_takes_every_token(cache):
         assert torch.equal(y[r, :n - 1], x[r, 1:n])
     with pytest.raises(DataError, match="sft.loss_on='some'"):
         ChatData(loss_on="some")
+
+
+def test_packed_rows_have_no_cross_talk(cache):
+    "Through the data source: each conversation of a packed row gets the logits and per-token losses it gets alone."
+    src = ChatData(vocab_size=512, cache_dir=str(cache), pack=True)
+    model = tiny_model(src.vocab_size, 128).eval()
+    x, y, doc = src.batch("train", 5, 2, 128, seed=0)
+    assert (doc.amax(1) >= 3).all()                                 # at least three conversations in every row
+    with torch.no_grad():
+        logits, plain = model(x, doc=doc), model(x)
+        losses, targets = [], 0
+        for r in range(2):
+            for d in doc[r].unique().tolist():
+                sel = doc[r] == d
+                if (y[r][sel] == -100).all(): continue               # the padding after the last conversation
+                alone = model(x[r][sel][None])[0]
+                torch.testing.assert_close(logits[r][sel], alone, atol=1e-5, rtol=1e-5)
+                if d > 0: assert not torch.allclose(plain[r][sel], alone, atol=1e-3)   # without doc they would mix
+                ce = torch.nn.functional.cross_entropy(alone, y[r][sel], ignore_index=-100, reduction="sum")
+                losses.append(ce); targets += int((y[r][sel] != -100).sum())
+        assert abs(model.loss(x, y, doc=doc).item() - (sum(losses) / targets).item()) < 1e-5
+
+
+def test_packing_is_refused_where_the_backend_cannot_mask(tmp_path, cache):
+    with pytest.raises(ConfigError, match="sft.pack=true: layer 0's attention: .*fused"):
+        set_up(compose(TINY + ["sft.pack=true", "model.attention.backend=fused", f"data.cache_dir={cache}"]), tmp_path)
+    summary = train(compose(TINY + ["sft.pack=true", "trainer.max_steps=2", "trainer.eval_every=2",
+                                    f"data.cache_dir={cache}"]), tmp_path / "packed")
+    assert summary["status"] == "done" and summary["val_loss"] < 10
 
 
 def write_hf_tokenizer(folder, template):
