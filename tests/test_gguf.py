@@ -231,10 +231,9 @@ def run_dir(tmp_path, tok):
     "A smollm-train run folder: config.yaml, one checkpoint, the tokenizer files (as a run writes them)."
     from smollm.runs import save_checkpoint, save_config
     from smollm.train import adamw
-    cfg = compose(["model=tiny", f"data.vocab_size={V}", "model.init_std=0.1"])
     model = tiny()
     run = tmp_path / "run"
-    save_config(cfg, run)
+    save_config(compose(["model=tiny", f"data.vocab_size={V}", "model.init_std=0.1"]), run)
     save_checkpoint(run / "checkpoints", 1, model, adamw(model), {"step": 1})
     save_tokenizer_files(tok, run)
     return run, model
@@ -284,26 +283,35 @@ def test_cli_errors(run_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.gguf").exists()
 
 
-def test_cli_lora(run_dir, tmp_path, monkeypatch):
-    "A LoRA model (peft, through smollm.lora) is refused without --merge; with it the merged weights go out."
+def test_cli_lora(run_dir, tmp_path, tok):
+    "A LoRA run (its checkpoint: the adapter on the base run) is refused without --merge; with it the merged weights go out."
     lora = pytest.importorskip("smollm.lora")
-    import smollm.runs
-    run, _ = run_dir
-    model = lora.for_training(tiny(), {"rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]})
+    from omegaconf import OmegaConf
+    from smollm.runs import load_model, read_config, save_checkpoint, save_config
+    from smollm.train import adamw
+    base, _ = run_dir
+    cfg = OmegaConf.merge(read_config(base), {"init_from": str(base), "sft": {"lora": {
+        "rank": 4, "alpha": 8, "targets": None, "dropout": 0.0}}})
+    model = lora.for_training(load_model(base), cfg.sft.lora)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)   # peft starts B at zero: an adapter that changes nothing would prove nothing
+    run = tmp_path / "lora_run"
+    save_config(cfg, run)
+    save_checkpoint(run / "checkpoints", 1, model, adamw(model), {"step": 1})
+    save_tokenizer_files(tok, run)
     ids = torch.randint(0, V, (1, 16))
     with torch.no_grad():
-        want = model(ids)
-    monkeypatch.setattr(smollm.runs, "load_model", lambda path, dtype=None: model)   # a LoRA run, as D loads one
+        want = model.eval()(ids)
     with pytest.raises(SystemExit, match="LoRA run .* pass --merge"):
         export_cli([str(run), "--out", str(tmp_path / "m.gguf")])
     assert not (tmp_path / "m.gguf").exists()
     export_cli([str(run), "--merge", "--out", str(tmp_path / "m.gguf")])
-    assert not lora.is_lora(model)
-    torch.testing.assert_close(hf_logits(tmp_path, "m.gguf", ids), want, atol=1e-4, rtol=0)
+    got = hf_logits(tmp_path, "m.gguf", ids)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        assert (got - load_model(base)(ids)).abs().max() > 1e-2   # the adapter is in: not the base's logits
 
 
 # --- llama.cpp itself
