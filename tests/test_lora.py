@@ -297,3 +297,65 @@ def test_a_lora_run_on_a_hugging_face_base(tmp_path):
     x, _ = batch(seed=3)
     with torch.no_grad():
         assert torch.equal(load_run(tmp_path / "lora")[0](x), m(x))
+
+
+# ---- end to end: smollm-train with init_from and sft.lora (smollm.train's set_up calls for_training) ----
+
+TRAIN = ["model=tiny", "model.block_size=32", "data=mqar", f"data.vocab_size={V}", "data.num_kv_pairs=4",
+         "trainer.batch_size=8", "trainer.progress=false", "schedule.warmup_steps=2", "trainer.log_every=1",
+         "trainer.eval_every=4", "trainer.eval_batches=2", "trainer.max_steps=8", "trainer.ckpt_every=4"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    from smollm.train import train as smollm_train
+    run = tmp_path_factory.mktemp("e2e") / "base"
+    smollm_train(compose(TRAIN), run)
+    return run
+
+
+def test_smollm_train_with_lora_then_load_model_then_merge(base_run):
+    "The command line: a LoRA run on a tiny run, read back through load_model, folded in by merge."
+    import subprocess, sys
+    from pathlib import Path
+    from smollm.runs import read_checkpoint_state, read_metrics
+    run = base_run.parent / "lora_cli"
+    args = [*TRAIN, f"init_from={base_run}", "sft.lora.rank=4", "sft.lora.targets=[q_proj,v_proj]", "optim.lr=1e-2",
+            f"hydra.run.dir={run}"]
+    p = subprocess.run([str(Path(sys.executable).parent / "smollm-train"), *args], cwd=base_run.parent,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = read_metrics(run / "metrics.csv")   # (that the loss falls is checked on one batch, above: MQAR's vary)
+    assert [r["step"] for r in rows] == list(range(1, 9)) and all(r["train_loss"] > 0 for r in rows)
+    ckpt = latest_checkpoint(run / "checkpoints")
+    assert read_checkpoint_state(ckpt)["adapter_only"] and len(_tensors(ckpt)) == 2 * 2 * 2   # A, B x q, v x 2 blocks
+    m, base = load_model(run), load_model(base_run)
+    assert is_lora(m)
+    x, _ = batch(seed=3)
+    with torch.no_grad():
+        want = m(x)
+        assert (want - base(x)).abs().max() > 1e-3                               # the adapter learned something
+        merged = merge(m)
+        assert (merged(x) - want).abs().max().item() < 1e-5
+    changed = [n for n, p in base.named_parameters() if not torch.equal(p, merged.get_parameter(n))]
+    assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)
+
+
+def test_a_lora_run_resumes_exactly(base_run):
+    from smollm.runs import read_metrics
+    from smollm.train import train as smollm_train
+    lora = [*TRAIN, f"init_from={base_run}", "sft.lora.rank=4", "optim.lr=1e-2"]
+    smollm_train(compose(lora), base_run.parent / "straight")
+    assert smollm_train(compose(lora), base_run.parent / "resumed", stop_at=4)["status"] == "stopped"
+    smollm_train(compose([*lora, "trainer.resume=true"]), base_run.parent / "resumed")
+    a, b = (read_metrics(base_run.parent / r / "metrics.csv") for r in ("straight", "resumed"))
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b] and len(a) == 8
+    x, _ = batch(seed=3)
+    with torch.no_grad():
+        assert torch.equal(load_model(base_run.parent / "straight")(x), load_model(base_run.parent / "resumed")(x))
+
+
+def test_smollm_train_refuses_lora_without_init_from(tmp_path):
+    from smollm.train import train as smollm_train
+    with pytest.raises(ConfigError, match="sft.lora.rank=4 needs init_from"):
+        smollm_train(compose([*TRAIN, "sft.lora.rank=4"]), tmp_path / "run")
