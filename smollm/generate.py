@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 # %% auto #0
-__all__ = ['CAPACITY_MULTIPLE', 'sample_next', 'generate', 'TextStreamer', 'generate_cli', 'chat_cli']
+__all__ = ['CAPACITY_MULTIPLE', 'sample_next', 'generate', 'TextStreamer', 'generate_cli', 'fit_history', 'chat_cli']
 
 # %% ../nbs/30_generate.ipynb #18f1ab97
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -250,8 +250,20 @@ def generate_cli(argv: Sequence[str] | None = None):
     streamer.end()   # returns None: a console script's return value becomes its exit status
 
 # %% ../nbs/30_generate.ipynb #e3889ab2
+def fit_history(tok, messages: list[dict], room: int | None) -> tuple[list[dict], list[int]]:
+    """(the turns kept, their prompt's token ids): `messages` rendered with a generation prompt, dropping the oldest
+    exchanges (a system message stays) until the prompt holds at most `room` tokens (None: no limit), or only the
+    newest turn is left."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while True:
+        ids = tok.apply_chat_template(system + turns, add_generation_prompt=True, tokenize=True)
+        if room is None or len(ids) <= room or len(turns) <= 1: return system + turns, ids
+        turns = turns[2:]                # one user turn and the assistant's answer
+
 def chat_cli(argv: Sequence[str] | None = None):
-    "Console script `smollm-chat`: a conversation on stdin/stdout through the tokenizer's chat template."
+    """Console script `smollm-chat`: a conversation on stdin/stdout through the tokenizer's chat template. The oldest
+    exchanges leave the prompt when it would not fit the model's context with room for the answer."""
     p = _parser("Chat with a language model through its tokenizer's chat template; an empty line or EOF ends.")
     p.add_argument("--system", help="a system message to start the conversation with")
     args = p.parse_args(argv)
@@ -259,6 +271,8 @@ def chat_cli(argv: Sequence[str] | None = None):
     if not tok.chat_template:
         raise SystemExit(f"{args.tokenizer or args.checkpoint} has no chat template (tokenizer_config.json "
                          "chat_template or chat_template.jinja); use smollm-generate for plain text")
+    context = getattr(getattr(model, "positional", None), "max_seq_len", None)   # the positions it was built for
+    room = None if context is None else context - min(args.max_new_tokens, context // 2)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     interactive = sys.stdin.isatty()
     while True:
@@ -268,9 +282,8 @@ def chat_cli(argv: Sequence[str] | None = None):
         line = sys.stdin.readline()
         if not line.strip():
             break
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        ids = torch.tensor([tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)],
-                           device=args.device)
+        messages, ids = fit_history(tok, messages + [{"role": "user", "content": line.rstrip("\n")}], room)
+        new = kw["max_new_tokens"] if context is None else max(1, min(kw["max_new_tokens"], context - len(ids)))
         streamer = TextStreamer(tok, eos)
-        generate(model, ids, callback=streamer, **kw)
+        generate(model, torch.tensor([ids], device=args.device), callback=streamer, **{**kw, "max_new_tokens": new})
         messages.append({"role": "assistant", "content": streamer.end().strip()})
