@@ -218,6 +218,23 @@ def test_init_from_a_run_folder_and_an_hf_folder(sft_run, cache, tmp_path):
         set_up(compose(TINY + [f"init_from={tmp_path}"]), tmp_path / "x")
 
 
+def test_init_from_gives_a_token_corpus_the_checkpoints_tokenizer(tmp_path, cache):
+    corpus = tmp_path / "corpus"; corpus.mkdir()
+    for i in range(6):
+        (corpus / f"{i}.txt").write_text(" ".join(f"word{(i * 7 + j) % 23} is number {j}." for j in range(80)))
+    base = ["model=tiny", "data=text_files", f"data.paths=[{corpus}]", "data.vocab_size=300", "data.val_fraction=0.3",
+            f"data.cache_dir={cache}", "trainer.progress=false", "trainer.batch_size=2", "trainer.eval_batches=1",
+            "trainer.samples=0", "trainer.max_steps=2", "trainer.eval_every=2"]
+    train(compose(base), tmp_path / "pre")
+    run = set_up(compose(base + [f"init_from={tmp_path / 'pre'}", "data.vocab_size=8192"]), tmp_path / "ft")
+    assert run.cfg.data.tokenizer_path == str(tmp_path / "pre" / "tokenizer.json")
+    assert run.cfg.data.vocab_size == run.cfg.model.vocab_size == 300
+    pre, _ = load_run(tmp_path / "pre")
+    x, y = run.val[0]
+    with torch.no_grad():
+        assert abs(run.model.loss(x, y).item() - pre.loss(x, y).item()) < 1e-5
+
+
 def test_run_folder_records_the_chat_template(sft_run):
     tc = json.loads((sft_run / "tokenizer_config.json").read_text())
     assert tc["chat_template"] == ZEPHYR_TEMPLATE and tc["eos_token"] == "<|eos|>"
