@@ -394,8 +394,8 @@ def load_model(path, dtype=None, base=None):
 
 # %% ../nbs/09_runs.ipynb #12cc0435
 def _lora_base(run_dir: Path, cfg, base=None, fingerprint=None):
-    """The model LoRA run `run_dir` (config `cfg`) adapts, with a fresh adapter on (its `sft.lora`): the model in
-    folder `base`, else in the config's init_from, checked against the base `fingerprint` of its checkpoint."""
+    """The model LoRA run `run_dir` (config `cfg`) adapts, in float32, with a fresh adapter on (its `sft.lora`): the
+    model in folder `base`, else in the config's init_from, checked against the base `fingerprint` of its checkpoint."""
     from smollm.lora import for_training, merge, same_base
     where = base if base is not None else cfg.get("init_from")
     if not where:
@@ -406,7 +406,8 @@ def _lora_base(run_dir: Path, cfg, base=None, fingerprint=None):
         raise FileNotFoundError(f"{run_dir} holds a LoRA adapter on the base {where} ("
                                 f"{'base=' if base is not None else 'its config init_from'}), which is not there: "
                                 "put the base back there, or pass base=<its folder now> to load_run / load_model")
-    model = for_training(merge(load_model(where)), OmegaConf.select(cfg, "sft.lora"))   # a LoRA base: folded in first
+    # as the trainer's set_up does: a LoRA base folded in first, the base in float32 (as it was trained)
+    model = for_training(merge(load_model(where)).float(), OmegaConf.select(cfg, "sft.lora"))
     if fingerprint is not None and not same_base(model.lora_base_fingerprint, fingerprint):
         raise ValueError(f"{run_dir} holds a LoRA adapter trained on another base than the model now in {where} (the "
                          "weights differ: was that run trained further, or replaced?); pass base=<the folder of the "

@@ -288,15 +288,18 @@ def test_an_fsdp2_sharded_lora_model_saves_its_adapter_alone(tmp_path):
 
 
 def test_a_lora_run_on_a_hugging_face_base(tmp_path):
-    "init_from may be a Hugging Face folder: load_run rebuilds that base (smollm.hf.from_hf) with the adapter."
+    """init_from may be a Hugging Face folder, here in bf16: load_run rebuilds that base (smollm.hf.from_hf) in float32,
+    as the trainer trains on it, with the adapter."""
     from smollm.hf import to_hf
-    hf = to_hf(tiny(), tmp_path / "hf")
+    hf = to_hf(tiny().to(torch.bfloat16), tmp_path / "hf")
+    assert next(load_model(hf).parameters()).dtype == torch.bfloat16
     cfg = OmegaConf.merge(OmegaConf.to_container(CFG), {"init_from": str(hf), "sft": {"lora": LORA}})
-    m = nonzero_adapter(for_training(load_model(hf), cfg.sft.lora))
+    m = nonzero_adapter(for_training(load_model(hf).float(), cfg.sft.lora))      # smollm.train.initial_model's way
     save_config(cfg, tmp_path / "lora"); save_checkpoint(tmp_path / "lora" / "checkpoints", 1, m, adamw(m), {})
     x, _ = batch(seed=3)
     with torch.no_grad():
-        assert torch.equal(load_run(tmp_path / "lora")[0](x), m(x))
+        back = load_run(tmp_path / "lora")[0]
+        assert torch.equal(back(x), m(x)) and {p.dtype for p in back.parameters()} == {torch.float32}
 
 
 # ---- end to end: smollm-train with init_from and sft.lora (smollm.train's set_up calls for_training) ----
