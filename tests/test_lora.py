@@ -302,6 +302,21 @@ def test_a_lora_run_on_a_hugging_face_base(tmp_path):
         assert torch.equal(back(x), m(x)) and {p.dtype for p in back.parameters()} == {torch.float32}
 
 
+def test_a_lora_run_on_a_lora_run(lora_run, tmp_path):
+    "A LoRA run whose init_from is a LoRA run: its base is that run's model with the adapter folded in (merge)."
+    _, lora_dir, first = lora_run
+    cfg = OmegaConf.merge(OmegaConf.to_container(CFG), {"init_from": str(lora_dir),
+                                                        "sft": {"lora": {"rank": 2, "targets": ["o_proj"]}}})
+    m = nonzero_adapter(for_training(merge(load_model(lora_dir)).float(), cfg.sft.lora), seed=5)
+    save_config(cfg, tmp_path / "second"); save_checkpoint(tmp_path / "second" / "checkpoints", 1, m, adamw(m), {})
+    back = load_model(tmp_path / "second")
+    adapted = [n for n, mod in back.named_modules() if hasattr(mod, "lora_A")]
+    assert adapted == ["layers.0.attn.o_proj", "layers.1.attn.o_proj"]                # the second adapter only
+    x, _ = batch(seed=3)
+    with torch.no_grad():
+        assert torch.equal(back(x), m(x)) and (back(x) - first(x)).abs().max() > 1e-3
+
+
 # ---- end to end: smollm-train with init_from and sft.lora (smollm.train's set_up calls for_training) ----
 
 TRAIN = ["model=tiny", "model.block_size=32", "data=mqar", f"data.vocab_size={V}", "data.num_kv_pairs=4",
