@@ -228,6 +228,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'smollm.hf.HFTokenizer.eos_id': ('hf.html#hftokenizer.eos_id', 'smollm/hf.py'),
                            'smollm.hf.HFTokenizer.pad_id': ('hf.html#hftokenizer.pad_id', 'smollm/hf.py'),
                            'smollm.hf.HFTokenizer.vocab_size': ('hf.html#hftokenizer.vocab_size', 'smollm/hf.py'),
+                           'smollm.hf.NoHFEquivalent': ('hf.html#nohfequivalent', 'smollm/hf.py'),
+                           'smollm.hf.NoHFEquivalent.__init__': ('hf.html#nohfequivalent.__init__', 'smollm/hf.py'),
                            'smollm.hf._Weights': ('hf.html#_weights', 'smollm/hf.py'),
                            'smollm.hf._Weights.__init__': ('hf.html#_weights.__init__', 'smollm/hf.py'),
                            'smollm.hf._Weights._files': ('hf.html#_weights._files', 'smollm/hf.py'),

@@ -12,8 +12,8 @@ import torch.nn as nn
 from .positional import HF_ROPE_NAMES, ROPE_SCALINGS, RopeScaling, scaling_keys
 
 # %% auto #0
-__all__ = ['HF_MODEL_TYPES', 'ROPE_TYPES', 'CheckpointError', 'read_hf_config', 'hf_rope', 'hf_overrides', 'from_hf', 'hf_config',
-           'to_hf', 'HFTokenizer', 'load_tokenizer']
+__all__ = ['HF_MODEL_TYPES', 'ROPE_TYPES', 'CheckpointError', 'read_hf_config', 'hf_rope', 'hf_overrides', 'from_hf',
+           'NoHFEquivalent', 'hf_config', 'to_hf', 'HFTokenizer', 'load_tokenizer']
 
 # %% ../nbs/31_hf.ipynb #c522a550
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -330,9 +330,15 @@ def from_hf(path, dtype: torch.dtype | None = None):
     return model.eval()
 
 # %% ../nbs/31_hf.ipynb #21c65a25
+class NoHFEquivalent(CheckpointError):
+    "A smollm component with no Hugging Face equivalent: `component` names it, `value` is its setting, `why` says why."
+    def __init__(self, component: str, value, why: str):
+        self.component, self.value, self.why = component, value, why
+        super().__init__(f"{component}: {value} has no Hugging Face equivalent ({why}); "
+                         "to_hf writes Llama, Mistral, Qwen2 and Qwen3 models")
+
 def _fail(component: str, value, why: str):
-    raise CheckpointError(f"{component}: {value} has no Hugging Face equivalent ({why}); "
-                          "to_hf writes Llama, Mistral, Qwen2 and Qwen3 models")
+    raise NoHFEquivalent(component, value, why)
 
 _HF_NO_ORIGINAL = ("linear", "dynamic")   # HF rope types that read no original_max_position_embeddings
 
