@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse, math, statistics, sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from .runs import read_metrics, read_run_json
+from .runs import METRIC_COLUMNS, read_metrics, read_run_json
 
 # %% auto #0
-__all__ = ['IGNORED_OVERRIDES', 'betainc', 't_two_sided_p', 'welch', 'Run', 'find_runs', 'summarize', 'plot_runs', 'report',
-           'main']
+__all__ = ['IGNORED_OVERRIDES', 'STANDARD_METRICS', 'betainc', 't_two_sided_p', 'welch', 'Run', 'find_runs', 'headline_metric',
+           'higher_is_better', 'score_columns', 'summarize', 'plot_runs', 'report', 'main']
 
 # %% ../nbs/22_report.ipynb #1e8ad325
 def _beta_cf(x: float, a: float, b: float, tol: float = 1e-14, max_iter: int = 500) -> float:
@@ -123,10 +123,64 @@ def _fmt(x, digits: int = 4) -> str:
 def _fmt_p(p) -> str:
     return "n/a" if p is None or math.isnan(p) else f"{p:.2g}" if p < 0.01 else f"{p:.3f}"
 
+def _stats(values: list[float]) -> dict:
+    "n, mean and sample standard deviation of `values` (None where undefined)."
+    return dict(n=len(values), values=values, mean=statistics.fmean(values) if values else None,
+                std=statistics.stdev(values) if len(values) > 1 else None)
+
+def _compare(row: dict, base: dict) -> dict:
+    "delta (difference of means), t and p (Welch) of the stats `row` against `base` (None where undefined)."
+    out = dict(delta=row["mean"] - base["mean"] if row["mean"] is not None and base["mean"] is not None else None,
+               t=None, p=None)
+    if row is not base and row["n"] >= 2 and base["n"] >= 2:
+        out["t"], _, out["p"] = welch(row["values"], base["values"])
+    return out
+
+# %% ../nbs/22_report.ipynb #aba41e47
+STANDARD_METRICS = {"loss": "val_loss", "accuracy": "val_acc"}   # a source's `metric` -> the column that holds it
+
+def headline_metric(runs: list[Run]) -> str:
+    """The column a sweep is judged by: the score column that run.json's `metric` names (e.g. 'exact_match', from a
+    source's `score`), 'val_acc' for metric 'accuracy', else 'val_loss'."""
+    named = [r.info.get("metric") for r in runs if r.info.get("metric")]
+    scores = [m for m in named if m not in STANDARD_METRICS]
+    if scores: return scores[0]
+    return "val_acc" if "accuracy" in named else "val_loss"
+
+def higher_is_better(metric: str) -> bool:
+    "Whether a larger value of column `metric` is better: every column but losses and perplexities."
+    return not (metric.endswith("loss") or metric.endswith("ppl"))
+
+def score_columns(runs: list[Run], metric: str) -> list[str]:
+    """The extra score columns of a sweep's metrics.csv files (those a source's `score` adds, e.g.
+    'exact_match_heldout'), in the order they first appear; the headline `metric` and the trainer's own columns
+    are left out."""
+    known = set(METRIC_COLUMNS) | {"val_acc", metric}
+    out = []
+    for r in runs:
+        for c in list(r.info.get("score_columns") or []) + [k for row in r.rows[-1:] for k in row]:
+            if c not in known and c not in out: out.append(c)
+    return out
+
+# %% ../nbs/22_report.ipynb #b3374ffd
+def _find_baseline(rows: list[dict], baseline: str | None) -> dict:
+    "The row of configuration `baseline` (its label, or overrides it contains); the first row when None."
+    if baseline is None: return rows[0]
+    want = set(baseline.split())
+    base = next((row for row in rows if row["label"] == baseline), None) or \
+           next((row for row in rows if want <= set(row["key"])), None)
+    if base is None:
+        raise ValueError(f"--baseline {baseline!r} matches no configuration; the configurations are: "
+                         + "; ".join(repr(row["label"]) for row in rows))
+    return base
+
 def summarize(runs: list[Run], baseline: str | None = None) -> tuple[list[dict], str, str]:
     """Group finished runs by configuration: rows of dicts (label, n, seeds, mean, std, params, tokens_per_s, delta, t,
-    p), the metric column used ('val_loss' or 'val_acc'), and the baseline's label."""
-    metric = "val_acc" if any(r.info.get("metric") == "accuracy" for r in runs) else "val_loss"
+    p, and `scores`: {column: the same statistics} for each extra score column), the headline metric column used
+    (`headline_metric`: 'val_loss', 'val_acc' or a source's score column such as 'exact_match'), and the
+    baseline's label."""
+    metric = headline_metric(runs)
+    extra = score_columns(runs, metric)
     keys = [r.key for r in runs]
     common = set(keys[0]).intersection(*keys[1:]) if keys else set()
     label = lambda key: " ".join(o for o in key if o not in common) or "(one configuration)"
@@ -135,32 +189,26 @@ def summarize(runs: list[Run], baseline: str | None = None) -> tuple[list[dict],
     rows = []
     for key, rs in groups.items():
         done = [r for r in rs if r.info.get("status") == "done" and r.final(metric) is not None]
-        vals = [float(r.final(metric)) for r in done]
         tps = [r.info["tokens_per_s"] for r in done if r.info.get("tokens_per_s")]
-        rows.append(dict(label=label(key), key=key, n=len(vals), runs=len(rs), seeds=[r.seed for r in done],
-                         values=vals, mean=statistics.fmean(vals) if vals else None,
-                         std=statistics.stdev(vals) if len(vals) > 1 else None,
+        scores = {c: _stats([float(r.final(c)) for r in done if r.final(c) is not None]) for c in extra}
+        rows.append(dict(label=label(key), key=key, runs=len(rs), seeds=[r.seed for r in done],
+                         **_stats([float(r.final(metric)) for r in done]), scores=scores,
                          params=next((r.info.get("params") for r in rs if r.info.get("params")), None),
                          tokens_per_s=statistics.fmean(tps) if tps else None))
     if not rows: return rows, metric, ""
-    if baseline is None: base = rows[0]
-    else:
-        want = set(baseline.split())
-        base = next((row for row in rows if row["label"] == baseline), None) or \
-               next((row for row in rows if want <= set(row["key"])), None)
-        if base is None:
-            raise ValueError(f"--baseline {baseline!r} matches no configuration; the configurations are: "
-                             + "; ".join(repr(row["label"]) for row in rows))
+    base = _find_baseline(rows, baseline)
     for row in rows:
-        row["delta"] = row["mean"] - base["mean"] if row["mean"] is not None and base["mean"] is not None else None
-        row["t"] = row["p"] = None
-        if row is not base and row["n"] >= 2 and base["n"] >= 2:
-            row["t"], _, row["p"] = welch(row["values"], base["values"])
+        row.update(_compare(row, base))
+        for c, s in row["scores"].items(): s.update(_compare(s, base["scores"][c]))
     return rows, metric, base["label"]
 
 # %% ../nbs/22_report.ipynb #a1387966
+def _metric_title(metric: str) -> str:
+    "How the report names its headline column."
+    return {"val_loss": "val loss", "val_acc": "val accuracy"}.get(metric, metric.replace("_", " "))
+
 def plot_runs(runs: list[Run], rows: list[dict], metric: str, path) -> Path:
-    "report.png: every run's training loss and validation curve, one colour per configuration."
+    "report.png: every run's training loss and its curve of the headline `metric`, one colour per configuration."
     from matplotlib.figure import Figure
     fig = Figure(figsize=(12, 4.5))
     ax_train, ax_val = fig.subplots(1, 2)
@@ -177,10 +225,42 @@ def plot_runs(runs: list[Run], rows: list[dict], metric: str, path) -> Path:
         pts = [(x["step"], x[metric]) for x in r.rows if x.get(metric) is not None]
         if pts: ax_val.plot(*zip(*pts), marker="o", ms=2, **{**kw, "label": None})
     ax_train.set(xlabel="step", ylabel="training loss", title="training loss (dotted: not finished)")
-    ax_val.set(xlabel="step", ylabel=metric.replace("_", " "), title="validation " + ("accuracy" if metric == "val_acc" else "loss"))
+    ax_val.set(xlabel="step", ylabel=metric.replace("_", " "), title=_metric_title(metric))
     if shown: ax_train.legend(fontsize=7)
     fig.tight_layout(); fig.savefig(path, dpi=100)
     return Path(path)
+
+# %% ../nbs/22_report.ipynb #88b9cfc4
+def _table(rows: list[dict], metric: str, base: str) -> list[str]:
+    "The markdown table: one line per configuration, the headline metric, then each extra score column."
+    extra = list(rows[0]["scores"]) if rows else []
+    what = f"final {_metric_title(metric)}"
+    head = (f"| configuration | n | {what} (mean) | std | params | tokens/s | Δ vs baseline | p (Welch) |"
+            + "".join(f" {c} (mean ± std, p) |" for c in extra))
+    lines = [head, "|---|---|---|---|---|---|---|---|" + "---|" * len(extra)]
+    for row in rows:
+        n = f"{row['n']}" + (f" of {row['runs']}" if row["runs"] != row["n"] else "")
+        cells = [f"{_fmt(s['mean'], 3)} ± {_fmt(s['std'], 3)}" + ("" if row["label"] == base else f", {_fmt_p(s['p'])}")
+                 for s in row["scores"].values()]
+        lines.append(f"| {row['label']}{' (baseline)' if row['label'] == base else ''} | {n} | {_fmt(row['mean'])} "
+                     f"| {_fmt(row['std'])} | {_fmt(row['params'])} | {_fmt(row['tokens_per_s'], 0)} "
+                     f"| {'' if row['label'] == base else _fmt(row['delta'])} | {_fmt_p(row['p'])} |"
+                     + "".join(f" {c} |" for c in cells))
+    return lines
+
+def _unfinished(runs: list[Run], rows: list[dict], path: Path) -> list[str]:
+    "The markdown list of the runs left out of the statistics, with their status, last step and error."
+    unfinished = [r for r in runs if r.info.get("status") != "done"]
+    if not unfinished: return []
+    lines = ["", f"## Runs not in the statistics ({len(unfinished)})", ""]
+    for r in unfinished:
+        last = r.info.get("step", r.rows[-1]["step"] if r.rows else 0)
+        err = f"; {r.info['error']}" if r.info.get("error") else ""
+        lab = next((row["label"] for row in rows if row["key"] == r.key), "")
+        seed = "" if r.seed is None else f", seed {r.seed}"
+        lines.append(f"- `{r.path.relative_to(path) if r.path != path else '.'}` ({lab}{seed}): {r.status} "
+                     f"after step {last} of {r.info.get('max_steps', '?')}{err}")
+    return lines
 
 def report(path, baseline: str | None = None) -> tuple[str, Path]:
     """Write report.md and report.png for the sweep folder `path`; return (the markdown, the figure's path).
@@ -189,31 +269,17 @@ def report(path, baseline: str | None = None) -> tuple[str, Path]:
     runs = find_runs(path)
     if not runs: raise FileNotFoundError(f"smollm-report: no run folders (run.json, metrics.csv or .hydra/) under {path}")
     rows, metric, base = summarize(runs, baseline)
-    what = "final val accuracy" if metric == "val_acc" else "final val loss"
     common = sorted(set(runs[0].key).intersection(*[r.key for r in runs[1:]]))
+    better = "higher" if higher_is_better(metric) else "lower"
+    extra = (f" The other score columns give mean ± std over the same runs and Welch's p against the baseline."
+             if rows and rows[0]["scores"] else "")
     lines = [f"# Sweep report: {path}", "",
              f"{len(runs)} runs, {sum(r['n'] for r in rows)} finished, in {len(rows)} configurations. "
              f"Shared overrides: {' '.join(common) or '(none)'}.", "",
-             f"Mean and sample standard deviation over seeds of the {what}; Δ is the difference of means from the "
-             f"baseline **{base}**, p the two-sided p-value of Welch's t-test (n/a with fewer than 2 finished runs "
-             f"on either side).", "",
-             f"| configuration | n | {what} (mean) | std | params | tokens/s | Δ vs baseline | p (Welch) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        n = f"{row['n']}" + (f" of {row['runs']}" if row["runs"] != row["n"] else "")
-        lines.append(f"| {row['label']}{' (baseline)' if row['label'] == base else ''} | {n} | {_fmt(row['mean'])} "
-                     f"| {_fmt(row['std'])} | {_fmt(row['params'])} | {_fmt(row['tokens_per_s'], 0)} "
-                     f"| {'' if row['label'] == base else _fmt(row['delta'])} | {_fmt_p(row['p'])} |")
-    unfinished = [r for r in runs if r.info.get("status") != "done"]
-    if unfinished:
-        lines += ["", f"## Runs not in the statistics ({len(unfinished)})", ""]
-        for r in unfinished:
-            last = r.info.get("step", r.rows[-1]["step"] if r.rows else 0)
-            err = f"; {r.info['error']}" if r.info.get("error") else ""
-            lab = next((row["label"] for row in rows if row["key"] == r.key), "")
-            seed = "" if r.seed is None else f", seed {r.seed}"
-            lines.append(f"- `{r.path.relative_to(path) if r.path != path else '.'}` ({lab}{seed}): {r.status} "
-                         f"after step {last} of {r.info.get('max_steps', '?')}{err}")
+             f"Mean and sample standard deviation over seeds of the final {_metric_title(metric)} ({better} is "
+             f"better); Δ is the difference of means from the baseline **{base}**, p the two-sided p-value of "
+             f"Welch's t-test (n/a with fewer than 2 finished runs on either side).{extra}", ""]
+    lines += _table(rows, metric, base) + _unfinished(runs, rows, path)
     fig = plot_runs(runs, rows, metric, path / "report.png")
     lines += ["", f"![every run]({fig.name})", ""]
     md = "\n".join(lines)
