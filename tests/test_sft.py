@@ -253,3 +253,27 @@ def test_smollm_train_then_smollm_chat(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.count("\n") >= 2                           # each answer ends its line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pack", [False, True])
+def test_ddp_on_chat_data_matches_one_process(pack, cache, tmp_path):
+    """Uneven counts of targets over micro-batches and ranks: 2 DDP ranks give one process's losses and weights, since
+    the step's loss is the mean over all its targets (smollm.train.target_shares), not a mean of means."""
+    import os
+    from smollm.runs import read_metrics
+    args = TINY + [f"data.cache_dir={cache}", f"sft.pack={str(pack).lower()}", "trainer.max_steps=4",
+                   "trainer.global_batch_size=8", "trainer.grad_accum=2", "trainer.log_every=1", "trainer.eval_every=2",
+                   "trainer.samples=0"]
+    train(compose(args), tmp_path / "one")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "smollm.train", *args,
+                        "trainer.parallel=ddp", f"hydra.run.dir={tmp_path / 'two'}"], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one" / "metrics.csv"), read_metrics(tmp_path / "two" / "metrics.csv")
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("train_loss", "val_loss"):
+            if ra[k] is not None: assert abs(ra[k] - rb[k]) < 1e-5, (k, ra, rb)
+    wa, wb = load_run(tmp_path / "one")[0].state_dict(), load_run(tmp_path / "two")[0].state_dict()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
