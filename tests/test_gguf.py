@@ -284,7 +284,8 @@ def test_cli_errors(run_dir, tmp_path, monkeypatch):
 
 
 def test_cli_lora(run_dir, tmp_path, tok):
-    "A LoRA run (its checkpoint: the adapter on the base run) is refused without --merge; with it the merged weights go out."
+    """A LoRA run (its checkpoint: the adapter on the base run): as GGUF it is refused without --merge, and with it the
+    merged weights go out; as an HF folder without --merge, the base goes out with the adapter beside it, in peft's format."""
     lora = pytest.importorskip("smollm.lora")
     from omegaconf import OmegaConf
     from smollm.runs import load_model, read_config, save_checkpoint, save_config
@@ -311,7 +312,21 @@ def test_cli_lora(run_dir, tmp_path, tok):
     got = hf_logits(tmp_path, "m.gguf", ids)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     with torch.no_grad():
-        assert (got - load_model(base)(ids)).abs().max() > 1e-2   # the adapter is in: not the base's logits
+        base_logits = load_model(base)(ids)
+    assert (got - base_logits).abs().max() > 1e-2   # the adapter is in: not the base's logits
+    # --format hf without --merge: the base and, beside it, the adapter in peft's format
+    import shutil
+    from peft import PeftModel
+    export_cli([str(run), "--format", "hf", "--out", str(tmp_path / "hf")])
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+    shutil.copytree(tmp_path / "hf", tmp_path / "base_only", ignore=shutil.ignore_patterns("adapter_*"))
+    with torch.no_grad():
+        auto = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()   # peft: base + adapter
+        torch.testing.assert_close(auto(ids).logits, want, atol=1e-4, rtol=0)
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base_only", dtype=torch.float32).eval()
+        torch.testing.assert_close(plain(ids).logits, base_logits, atol=1e-4, rtol=0)
+        adapted = PeftModel.from_pretrained(plain, tmp_path / "hf").eval()
+        torch.testing.assert_close(adapted(ids).logits, want, atol=1e-4, rtol=0)
 
 
 # --- llama.cpp itself
