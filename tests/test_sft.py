@@ -174,6 +174,49 @@ def test_hf_template_masks_exactly_the_assistant_contents(tmp_path):
     assert "".join(src.tokenizer.id_to_token(int(i)) for i in y[0][y[0] != -100]) == "".join(pieces)
 
 
+def with_generation_tags(template_open, close):
+    "A template in transformers' dialect whose {% generation %} blocks mark each assistant turn's content and end."
+    return ("{% for m in messages %}{{ " + template_open + " }}{% if m['role'] == 'assistant' %}{% generation %}"
+            "{{ m['content'] + " + close + " }}{% endgeneration %}{% else %}{{ m['content'] + " + close + " }}{% endif %}"
+            "{{ '\n' }}{% endfor %}")
+
+
+def metaspace_folder(folder):
+    "A sentencepiece-style BPE (Metaspace, as Llama's and TinyLlama's tokenizer.json), Zephyr's marks as plain text."
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    texts = [m["content"] for m in CHAT] * 20 + ["<|user|> <|assistant|> <|system|>\n"] * 20
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    folder.mkdir(parents=True)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["chatml_chars", "trained_bpe_zephyr", "metaspace_zephyr"])
+def test_masks_match_transformers_assistant_masks(kind, sft_run, tmp_path):
+    "An independent reference: transformers' return_assistant_tokens_mask, from the same text marked by {% generation %}."
+    from transformers import PreTrainedTokenizerFast
+    zephyr_tags = with_generation_tags("'<|' + m['role'] + '|>\\n'", "eos_token")
+    if kind == "chatml_chars":
+        folder, tagged = write_hf_tokenizer(tmp_path / "tok", CHATML), with_generation_tags(
+            "'<|im_start|>' + m['role'] + '\\n'", "'<|im_end|>'")
+    else:
+        folder, tagged = (sft_run if kind == "trained_bpe_zephyr" else metaspace_folder(tmp_path / "tok")), zephyr_tags
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n")
+    src = ChatData([tmp_path / "c.jsonl"], tokenizer=str(folder), cache_dir=str(tmp_path))
+    ids, trained = encode_chat(src.chat, CHAT)
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token=src.chat.special["eos_token"])
+    assert hf.apply_chat_template(CHAT, chat_template=tagged, tokenize=False) == src.chat.apply_chat_template(
+        CHAT, add_generation_prompt=False)                          # the same text, tags aside
+    ref = hf.apply_chat_template(CHAT, chat_template=tagged, tokenize=True, return_dict=True,
+                                 return_assistant_tokens_mask=True)
+    assert list(ref["input_ids"]) == ids.tolist()
+    assert list(ref["assistant_masks"]) == trained.astype(int).tolist()
+    assert trained.sum() > 0 and not trained.all()
+
+
 def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path):
     shifty = "{% for m in messages %}{{ m['role'] + ':' + m['content'] + ('!' if loop.last else '') }}{% endfor %}"
     folder = write_hf_tokenizer(tmp_path / "tok", shifty)
