@@ -221,9 +221,11 @@ def test_atomic_write(tmp_path, tok, monkeypatch):
 
 
 def save_tokenizer_files(tok, folder):
+    "tokenizer.json and tokenizer_config.json (special tokens, chat template) in `folder`, as a run writes them; `folder`."
     folder.mkdir(parents=True, exist_ok=True)
     tok.tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps(tok.special | {"chat_template": TEMPLATE}))
+    return folder
 
 
 @pytest.fixture
@@ -353,4 +355,11 @@ def test_llama_cpp_greedy(tmp_path, tok):
             llm.eval([got[-1]])
         assert got == want, overrides
         assert llm.tokenize(TEXT.encode(), add_bos=False, special=False) == tok.encode(TEXT)
+        # the chat template travels in the file: llama.cpp formats chats with it, its special tokens whole
+        assert llm.chat_format == "chat_template.default"
+        chat = [{"role": "user", "content": "Hello!"}]
+        rendered = tok.apply_chat_template(chat)
+        as_read = load_tokenizer(save_tokenizer_files(tok, tmp_path / "tok"))   # as a run folder's tokenizer reads
+        assert as_read.encode(rendered)[-4:] == [tok.eos_id, tok.encode("\n")[0], *tok.encode("<|assistant|>\n")][-4:]
+        assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == as_read.encode(rendered)
         llm.close()
