@@ -705,6 +705,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'smollm.train.Optimizers.zero_grad': ('train.html#optimizers.zero_grad', 'smollm/train.py'),
                               'smollm.train.TrainRun': ('train.html#trainrun', 'smollm/train.py'),
                               'smollm.train.TrainRun.accuracy': ('train.html#trainrun.accuracy', 'smollm/train.py'),
+                              'smollm.train.TrainRun.block': ('train.html#trainrun.block', 'smollm/train.py'),
                               'smollm.train.TrainRun.ckpt_dir': ('train.html#trainrun.ckpt_dir', 'smollm/train.py'),
                               'smollm.train.TrainRun.count': ('train.html#trainrun.count', 'smollm/train.py'),
                               'smollm.train.TrainRun.global_batch': ('train.html#trainrun.global_batch', 'smollm/train.py'),
@@ -759,6 +760,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'smollm.train.target_shares': ('train.html#target_shares', 'smollm/train.py'),
                               'smollm.train.train': ('train.html#train', 'smollm/train.py'),
                               'smollm.train.train_step': ('train.html#train_step', 'smollm/train.py'),
+                              'smollm.train.training_block': ('train.html#training_block', 'smollm/train.py'),
                               'smollm.train.vs_unigram': ('train.html#vs_unigram', 'smollm/train.py'),
                               'smollm.train.with_init_from': ('train.html#with_init_from', 'smollm/train.py'),
                               'smollm.train.write_samples': ('train.html#write_samples', 'smollm/train.py')}}}

@@ -26,9 +26,9 @@ from .runs import (METRIC_COLUMNS, MetricsLog, latest_checkpoint, load_checkpoin
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'LAUNCHER_PLUGINS', 'decay_groups', 'adamw', 'Optimizers', 'muon', 'Cosine', 'WSD', 'Constant',
            'flops_per_token', 'peak_flops', 'autocast', 'target_shares', 'accumulate', 'evaluate', 'plot_metrics',
-           'TrainRun', 'per_rank_batch', 'init_model_config', 'with_init_from', 'initial_model', 'set_up', 'resume',
-           'open_run', 'TrainingError', 'train_step', 'score', 'evaluation', 'log_metrics', 'checkpoint', 'vs_unigram',
-           'final_line', 'finish', 'write_samples', 'train', 'check_launcher', 'main']
+           'TrainRun', 'per_rank_batch', 'init_model_config', 'with_init_from', 'training_block', 'initial_model',
+           'set_up', 'resume', 'open_run', 'TrainingError', 'train_step', 'score', 'evaluation', 'log_metrics',
+           'checkpoint', 'vs_unigram', 'final_line', 'finish', 'write_samples', 'train', 'check_launcher', 'main']
 
 # %% ../nbs/21_train.ipynb #82800202
 def _table_params(model: nn.Module) -> set[int]:
@@ -312,7 +312,9 @@ class TrainRun:
     @property
     def global_batch(self) -> int: return self.tc.batch_size * self.tc.grad_accum * self.env.world_size
     @property
-    def tokens_per_step(self) -> int: return self.global_batch * self.cfg.model.block_size
+    def block(self) -> int: return training_block(self.cfg)
+    @property
+    def tokens_per_step(self) -> int: return self.global_batch * self.block
     @property
     def resolved(self) -> dict: return OmegaConf.to_container(self.cfg, resolve=True)
 
@@ -402,6 +404,16 @@ def with_init_from(cfg: DictConfig) -> DictConfig:
         if "vocab_size" in cfg.data: cfg.data.vocab_size = model["vocab_size"]
     return cfg
 
+def training_block(cfg: DictConfig) -> int:
+    """The length of the training and validation rows: sft.block_size when set (at most model.block_size, the
+    context the model is built for), else model.block_size."""
+    T, n = (cfg.get("sft") or {}).get("block_size"), cfg.model.block_size
+    if T is None: return n
+    if isinstance(T, bool) or int(T) != T or not 1 <= T <= n:
+        raise ConfigError(f"sft.block_size={T!r} is not valid: an integer from 1 to model.block_size={n} (the model's "
+                          "context), or null for model.block_size")
+    return int(T)
+
 def initial_model(cfg: DictConfig) -> nn.Module:
     """The model a run starts from, in training mode: new weights built from cfg.model, or (init_from) the checkpoint's
     in fp32, any LoRA adapter it carried folded in; then, with sft.lora.rank set, a new LoRA adapter on it."""
@@ -455,7 +467,7 @@ def set_up(cfg: DictConfig, run_dir=None, source=None) -> TrainRun:
     torch.manual_seed(cfg.seed); random.seed(cfg.seed); np.random.seed(cfg.seed)
     cfg = with_init_from(cfg)
     source = _source(cfg, source)
-    T, model = cfg.model.block_size, initial_model(cfg).to(env.device)
+    T, model = training_block(cfg), initial_model(cfg).to(env.device)
     _check_packing(source, model)
     flops = flops_per_token(model, T)
     loss_fn = wrap(model, strategy, env, tc.get("activation_checkpointing", False), tc.get("compile_blocks", False),
@@ -475,9 +487,10 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 def _check_resume_config(saved: dict, now: dict):
-    "A resumed run must have the model, data and seed it was started with."
-    a = {k: v for k, v in _flat(saved).items() if k.split(".")[0] in ("model", "data", "seed") and k != "data.cache_dir"}
-    b = {k: v for k, v in _flat(now).items() if k.split(".")[0] in ("model", "data", "seed") and k != "data.cache_dir"}
+    "A resumed run must have the model, data, seed, starting point and fine-tuning settings it was started with."
+    kept = ("model", "data", "seed", *(k for k in ("init_from", "sft") if k in saved))   # runs older than SFT lack them
+    a = {k: v for k, v in _flat(saved).items() if k.split(".")[0] in kept and k != "data.cache_dir"}
+    b = {k: v for k, v in _flat(now).items() if k.split(".")[0] in kept and k != "data.cache_dir"}
     diff = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if diff:
         raise ConfigError("trainer.resume: the checkpoint was made with a different config: "
@@ -509,7 +522,7 @@ def _where(run: TrainRun) -> str:
 def open_run(run: TrainRun):
     """On rank 0: write config.yaml, the tokenizer, metrics.csv (keeping the rows up to a resumed step) and run.json
     (status 'running') into the run folder, and print the run's opening line (after what smollm chose, if anything)."""
-    tc, src, T = run.tc, run.source, run.cfg.model.block_size
+    tc, src, T = run.tc, run.source, run.block
     if not run.env.is_main: return
     save_config(run.cfg, run.run_dir)
     save_tokenizer(src, run.run_dir)
@@ -540,7 +553,7 @@ def train_step(run: TrainRun) -> tuple[float, float]:
     and the step, unless the loss or the gradient norm is not finite (then TrainingError, with the weights
     untouched). Each rank takes its slices of the global micro-batches. Returns (this rank's mean loss, the
     global gradient norm before clipping)."""
-    tc, step, T, e = run.tc, run.step, run.cfg.model.block_size, run.env
+    tc, step, T, e = run.tc, run.step, run.block, run.env
     for g in run.optimizer.param_groups: g["lr"] = g["base_lr"] * run.schedule(step)
     batches = [run.source.batch("train", step * tc.grad_accum + i, tc.batch_size, T, run.cfg.seed, e.rank, e.world_size)
                for i in range(tc.grad_accum)]
@@ -625,7 +638,7 @@ def finish(run: TrainRun, t_start: float) -> dict:
     """After the loop: loss.png; then, if max_steps was reached, samples.txt, a last evaluation (and scores) when the
     last step had none, the summary in run.json and the closing line (rank 0 writes and prints; every rank evaluates and
     samples, as FSDP2 needs). Returns the summary ({'status': 'stopped'} if not)."""
-    tc, src, T, main = run.tc, run.source, run.cfg.model.block_size, run.env.is_main
+    tc, src, T, main = run.tc, run.source, run.block, run.env.is_main
     if main:
         plot_metrics(read_metrics(run.run_dir / "metrics.csv"), run.run_dir / "loss.png",
                      title=f"{run.cfg.model.name} on {getattr(src, 'kind', 'data')}")

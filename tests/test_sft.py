@@ -256,6 +256,10 @@ def test_init_from_a_run_folder_and_an_hf_folder(sft_run, cache, tmp_path):
         assert run.source.chat_template == ZEPHYR_TEMPLATE
     train(cfg, tmp_path / "ft")
     assert read_config(tmp_path / "ft").model.dim == 64              # config.yaml records the model actually trained
+    short = set_up(compose(TINY + [f"init_from={sft_run}", "sft.block_size=32", f"data.cache_dir={cache}"]), tmp_path / "s")
+    assert short.val[0][0].shape == (4, 32) and short.cfg.model.block_size == 64
+    with pytest.raises(ConfigError, match="sft.block_size=128 is not valid: an integer from 1 to model.block_size=64"):
+        set_up(compose(TINY + [f"init_from={sft_run}", "sft.block_size=128"]), tmp_path / "s")
     load_run(tmp_path / "ft")
     with pytest.raises(ConfigError, match="init_from=.* is neither a smollm-train run folder"):
         set_up(compose(TINY + [f"init_from={tmp_path}"]), tmp_path / "x")
