@@ -102,6 +102,45 @@ def test_tokenizer_round_trip(tmp_path, tok):
     assert ref.chat_template == TEMPLATE
 
 
+def byte_level(pre: str):
+    "A byte-level BPE trained on CORPUS whose text splits as llama.cpp's pre-tokenizer `pre` does."
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from smollm.gguf import LLAMA3_SPLIT, QWEN2_SPLIT
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = {
+        "gpt-2": pre_tokenizers.ByteLevel(add_prefix_space=False),
+        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                           pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+        "llama-bpe": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"),
+                                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+        "qwen2": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"),
+                                          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])}[pre]
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(CORPUS + ["1234567 + 89 = 1234656\n\n  indented   spaces"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return HFTokenizer(t, None, {"eos_token": "<|endoftext|>"})
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_byte_level_pre_tokenizers(tmp_path, pre):
+    "Each pre-tokenizer is named as llama.cpp knows it, and splits text (digits, spaces, newlines) as ours does."
+    bl = byte_level(pre)
+    to_gguf(tiny(), bl, tmp_path / "m.gguf")
+    assert gguf.GGUFReader(tmp_path / "m.gguf").fields["tokenizer.ggml.pre"].contents() == pre
+    text = TEXT + " 1234567 + 89 = 1234656\n\n  indented   spaces"
+    if pre != "smollm":   # transformers has no split for SmolLM's pre-tokenizer and falls back to GPT-2's
+        ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+        assert ref.encode(text, add_special_tokens=False) == bl.encode(text)
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == bl.encode(text)
+    llm.close()
+
+
 def sentencepiece_tokenizer():
     "A TinyLlama-style tokenizer (spaces as '▁', byte fallback to <0x..> tokens, <s> added in front)."
     from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
@@ -196,7 +235,7 @@ def test_refusals_write_nothing(tmp_path, tok, overrides):
 
 
 def test_bad_tokenizer_and_dtype_write_nothing(tmp_path, tok):
-    with pytest.raises(GGUFError, match="tokens for a model of vocab_size=64"):
+    with pytest.raises(GGUFError, match="ids up to .* for a model of vocab_size=64"):
         to_gguf(tiny("data.vocab_size=64"), tok, tmp_path / "m.gguf")
     with pytest.raises(GGUFError, match="dtype='q4_0'"):
         to_gguf(tiny(), tok, tmp_path / "m.gguf", dtype="q4_0")
