@@ -220,7 +220,7 @@ REFUSED = {   # overrides -> what the error names
     "model/attention=softcap": "softcap: on",
     "model/mlp=gelu": "mlp: GELUMLP",
     "model/attention=sliding_window model.attention.window=8": "attention.window: 8",
-    "model/positional=rope_yarn": "positional.scaling: yarn",
+    "model/positional=rope_yarn model.positional.scaling.truncate=false": "positional.scaling: yarn",
     "model/positional=rope_dynamic": "positional.scaling: dynamic",
     "model.positional.fraction=0.5": "positional.fraction: 0.5",
 }
@@ -402,3 +402,32 @@ def test_llama_cpp_greedy(tmp_path, tok):
         assert as_read.encode(rendered)[-4:] == [tok.eos_id, tok.encode("\n")[0], *tok.encode("<|assistant|>\n")][-4:]
         assert llm.tokenize(rendered.encode(), add_bos=False, special=True) == as_read.encode(rendered)
         llm.close()
+
+
+SCALINGS = {   # RoPE scalings llama.cpp has, on the architectures that read them; the context (64) is 4 x 16
+    "linear": ["model/positional=rope_linear"],
+    "llama3": ["model/positional=rope_llama3", "model.positional.scaling.factor=4.0"],
+    "yarn": ["model/positional=rope_yarn"],
+    "yarn_attention_factor": ["model/positional=rope_yarn", "model.positional.scaling.attention_factor=1.3"],
+    "yarn_qwen3": ["model/positional=rope_yarn", "model/attention=qk_norm"],
+    "linear_qwen2": ["model/positional=rope_linear", "model.attention.qkv_bias=true"],
+}
+
+
+@pytest.mark.parametrize("case", list(SCALINGS))
+def test_llama_cpp_rope_scalings(tmp_path, tok, case):
+    "llama.cpp applies each scaling as smollm does, where dropping the scaling changes the logits by far more."
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from smollm.positional import RopeScaling
+    model = tiny(*SCALINGS[case], "++model.positional.scaling.original_max_seq_len=16")
+    llm = llama_cpp.Llama(str(to_gguf(model, tok, tmp_path / "m.gguf")), n_ctx=64, verbose=False, n_threads=1,
+                          logits_all=True)
+    ids = list(range(10, 60))
+    llm.eval(ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+        model.positional.scaling, model.positional._inv_cache = RopeScaling(), {}
+        plain = model(torch.tensor([ids]))[0]
+    assert (torch.tensor(llm.scores[:len(ids)]) - ours).abs().max() < 1e-2
+    assert (plain - ours).abs().max() > 0.3
+    llm.close()
