@@ -489,11 +489,20 @@ import functools
 
 @functools.lru_cache(maxsize=8)
 def _compiled_template(template: str):
-    "A chat template compiled once (compiling takes far longer than rendering; SFT renders every conversation)."
-    from jinja2.ext import loopcontrols
+    """A chat template compiled once (compiling takes far longer than rendering; SFT renders every conversation).
+    transformers' `{% generation %}...{% endgeneration %}` (its marks of the assistant's text) renders as its body."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+    class Generation(Extension):
+        tags = {"generation"}
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+        def _body(self, caller): return caller()
     def raise_exception(msg): raise CheckpointError(f"chat template: {msg}")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation])
     env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template)

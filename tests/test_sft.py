@@ -13,7 +13,7 @@ import torch
 
 from smollm.config import ConfigError, build_model, compose
 from smollm.data import DataError
-from smollm.hf import load_tokenizer, to_hf
+from smollm.hf import HFTokenizer, load_tokenizer, to_hf
 from smollm.runs import load_run, read_config
 from smollm.sft import ChatData, ZEPHYR_TEMPLATE, encode_chat, to_example
 from smollm.train import set_up, train
@@ -174,11 +174,11 @@ def test_hf_template_masks_exactly_the_assistant_contents(tmp_path):
     assert "".join(src.tokenizer.id_to_token(int(i)) for i in y[0][y[0] != -100]) == "".join(pieces)
 
 
-def with_generation_tags(template_open, close):
+def with_generation_tags(template_open, close, prompt):
     "A template in transformers' dialect whose {% generation %} blocks mark each assistant turn's content and end."
     return ("{% for m in messages %}{{ " + template_open + " }}{% if m['role'] == 'assistant' %}{% generation %}"
             "{{ m['content'] + " + close + " }}{% endgeneration %}{% else %}{{ m['content'] + " + close + " }}{% endif %}"
-            "{{ '\n' }}{% endfor %}")
+            "{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ " + prompt + " }}{% endif %}")
 
 
 def metaspace_folder(folder):
@@ -198,15 +198,17 @@ def metaspace_folder(folder):
 def test_masks_match_transformers_assistant_masks(kind, sft_run, tmp_path):
     "An independent reference: transformers' return_assistant_tokens_mask, from the same text marked by {% generation %}."
     from transformers import PreTrainedTokenizerFast
-    zephyr_tags = with_generation_tags("'<|' + m['role'] + '|>\\n'", "eos_token")
+    zephyr_tags = with_generation_tags("'<|' + m['role'] + '|>\\n'", "eos_token", "'<|assistant|>\\n'")
     if kind == "chatml_chars":
         folder, tagged = write_hf_tokenizer(tmp_path / "tok", CHATML), with_generation_tags(
-            "'<|im_start|>' + m['role'] + '\\n'", "'<|im_end|>'")
+            "'<|im_start|>' + m['role'] + '\\n'", "'<|im_end|>'", "'<|im_start|>assistant\\n'")
     else:
         folder, tagged = (sft_run if kind == "trained_bpe_zephyr" else metaspace_folder(tmp_path / "tok")), zephyr_tags
     (tmp_path / "c.jsonl").write_text(json.dumps({"messages": CHAT}) + "\n")
     src = ChatData([tmp_path / "c.jsonl"], tokenizer=str(folder), cache_dir=str(tmp_path))
     ids, trained = encode_chat(src.chat, CHAT)
+    tagged_ids, tagged_trained = encode_chat(HFTokenizer(src.tokenizer, tagged, src.chat.special), CHAT)
+    assert np.array_equal(tagged_ids, ids) and np.array_equal(tagged_trained, trained)   # smollm reads the tags too
     hf = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token=src.chat.special["eos_token"])
     assert hf.apply_chat_template(CHAT, chat_template=tagged, tokenize=False) == src.chat.apply_chat_template(
         CHAT, add_generation_prompt=False)                          # the same text, tags aside
