@@ -624,13 +624,16 @@ def _hms(s: float) -> str:
     return f"{int(s // 60)}m{s % 60:04.1f}s" if s >= 60 else f"{s:.1f}s"
 
 def final_line(summary: dict, seconds: float, run_dir) -> str:
-    "The closing line of a finished run: its length, speed, and final validation figures against the baseline."
+    """The closing line of a finished run: its length, speed, and final validation figures against the baseline (first
+    the headline score, when `metric` names one of the source's scores)."""
     vl, unigram = summary["val_loss"], summary["unigram_loss"]
+    m = summary["metric"]
+    head = f"{m} {summary[m]:.3f}, " if m not in ("loss", "accuracy") and summary.get(m) is not None else ""
     what = (f"validation accuracy {summary['val_acc']:.3f} at the query positions (chance: {math.exp(-unigram):.3f}), "
             f"validation loss {vl:.3f}" if summary["metric"] == "accuracy" else
             f"validation loss {vl:.3f} nats/token (perplexity {summary['val_ppl']:.1f}), {vs_unigram(vl, unigram)}")
     return (f"smollm-train: done in {_hms(seconds)}: {summary['step']} steps, {summary['tokens']:,} tokens "
-            f"({summary['tokens_per_s'] or 0:,.0f} tokens/s). Final {what}. In {run_dir}: metrics.csv, loss.png, "
+            f"({summary['tokens_per_s'] or 0:,.0f} tokens/s). Final {head}{what}. In {run_dir}: metrics.csv, loss.png, "
             f"samples.txt, checkpoints/")
 
 # %% ../nbs/21_train.ipynb #b9cec0da
