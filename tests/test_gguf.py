@@ -431,3 +431,20 @@ def test_llama_cpp_rope_scalings(tmp_path, tok, case):
     assert (torch.tensor(llm.scores[:len(ids)]) - ours).abs().max() < 1e-2
     assert (plain - ours).abs().max() > 0.3
     llm.close()
+
+
+@pytest.mark.parametrize("overrides", ["model.mlp.bias=true", "model/attention=sliding_window model.attention.window=64"])
+def test_llama_cpp_llama_variants(tmp_path, tok, overrides):
+    """Llama with MLP biases (llama.cpp reads them; transformers' GGUF loader does not) and Mistral with a window as
+    long as the context (llama.cpp's llama, which attends to the whole context) run in llama.cpp as in smollm."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = tiny(*overrides.split())
+    f = to_gguf(model, tok, tmp_path / "m.gguf")
+    assert gguf.GGUFReader(f).fields["general.architecture"].contents() == "llama"
+    llm = llama_cpp.Llama(str(f), n_ctx=64, verbose=False, n_threads=1, logits_all=True)
+    ids = list(range(10, 60))
+    llm.eval(ids)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0]
+    assert (torch.tensor(llm.scores[:len(ids)]) - ours).abs().max() < 1e-2
+    llm.close()
