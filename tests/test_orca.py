@@ -60,17 +60,20 @@ def _simulate(story: str):
     q = sentences[-1].strip()
     m = re.fullmatch(r"Where is the (\w+)\?", q) or re.fullmatch(r"Where does (\w+) think the (\w+) is\?", q)
     who, obj = (None, m[1]) if m.lastindex == 1 else (m[1], m[2])
-    seen = [c for o, c, saw in log if o == obj and (who is None or who in saw)]
+    believes = lambda person: ([c for o, c, saw in log if o == obj and person in saw] or [start[obj]])[-1]
     reality = ([c for o, c, _ in log if o == obj] or [start[obj]])[-1]
-    return (seen or [start[obj]])[-1], reality, len(log)
+    return (reality if who is None else believes(who)), reality, len(log), {p: believes(p) for p in people}, obj
 
 
 def test_false_belief_answers_agree_with_an_event_log(problems):
     wrong_beliefs = 0
     for p in _all(problems, "false_belief"):
-        answer, reality, moves = _simulate(p["user"])
+        answer, reality, moves, beliefs, obj = _simulate(p["user"])
         assert p["answer"] == answer and p["size"] == moves
         assert p["trace"].splitlines()[-1] == f"Answer: {answer}"
+        # the trace's last belief line holds what every person saw last of the object
+        last = [l for l in p["trace"].splitlines() if f" {obj}: " in f" {l}"][-1]
+        assert last.split(f"{obj}: ")[-1] == ", ".join(f"{a} {c}" for a, c in beliefs.items()) + "."
         wrong_beliefs += answer != reality
     assert wrong_beliefs > 50                # many questions are about a belief that is no longer true
 
@@ -174,7 +177,7 @@ def test_the_three_students_share_problems_and_tokenizer(tmp_path):
 
 def test_smoke_run_of_the_experiment(tmp_path):
     run = tmp_path / "run"
-    overrides = ["experiment=orca_prompt_erasure", "data.n_train=60", "data.n_test=8", "data.n_heldout=4",
+    overrides = ["experiment=orca_prompt_erasure", "data.n_train.addition=30", "data.n_train.false_belief=30", "data.n_test=8", "data.n_heldout=4",
                  "data.vocab_size=400", "trainer.max_steps=4", "trainer.eval_every=4", "trainer.log_every=2",
                  "trainer.batch_size=4", "trainer.eval_batches=1", "trainer.samples=1", "trainer.progress=false",
                  "model.dim=32", "model.n_layers=1", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run}"]
