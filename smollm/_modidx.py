@@ -521,6 +521,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'smollm.orca._read_jsonl': ('orca.html#_read_jsonl', 'smollm/orca.py'),
                              'smollm.orca._score': ('orca.html#_score', 'smollm/orca.py'),
                              'smollm.orca._sizes': ('orca.html#_sizes', 'smollm/orca.py'),
+                             'smollm.orca._trimmed_batch': ('orca.html#_trimmed_batch', 'smollm/orca.py'),
                              'smollm.orca._write_jsonl': ('orca.html#_write_jsonl', 'smollm/orca.py'),
                              'smollm.orca.addition_problem': ('orca.html#addition_problem', 'smollm/orca.py'),
                              'smollm.orca.addition_trace': ('orca.html#addition_trace', 'smollm/orca.py'),
