@@ -208,10 +208,11 @@ def _metric_title(metric: str) -> str:
     return {"val_loss": "val loss", "val_acc": "val accuracy"}.get(metric, metric.replace("_", " "))
 
 def plot_runs(runs: list[Run], rows: list[dict], metric: str, path) -> Path:
-    "report.png: every run's training loss and its curve of the headline `metric`, one colour per configuration."
+    """report.png: every run's training loss and its curve of the headline `metric`, one colour per configuration,
+    and the final `metric` of each configuration: one dot per seed, the mean and one standard deviation beside."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(12, 4.5))
-    ax_train, ax_val = fig.subplots(1, 2)
+    fig = Figure(figsize=(16, 4.5))
+    ax_train, ax_val, ax_final = fig.subplots(1, 3)
     colors = {row["key"]: f"C{i % 10}" for i, row in enumerate(rows)}
     labels = {row["key"]: row["label"] for row in rows}
     shown = set()
@@ -227,6 +228,14 @@ def plot_runs(runs: list[Run], rows: list[dict], metric: str, path) -> Path:
     ax_train.set(xlabel="step", ylabel="training loss", title="training loss (dotted: not finished)")
     ax_val.set(xlabel="step", ylabel=metric.replace("_", " "), title=_metric_title(metric))
     if shown: ax_train.legend(fontsize=7)
+    for i, row in enumerate(rows):   # the spread over seeds, which a sweep's one final point per run hides
+        c = colors[row["key"]]
+        ax_final.plot([i] * len(row["values"]), row["values"], "o", color=c, alpha=0.6, ms=4)
+        if row["mean"] is not None:
+            ax_final.errorbar(i + 0.15, row["mean"], yerr=row["std"] or 0, fmt="_", color=c, ms=14, capsize=4)
+    ax_final.set_xticks(range(len(rows)), [row["label"] for row in rows], rotation=15, ha="right", fontsize=7)
+    ax_final.set(xlim=(-0.5, len(rows) - 0.5), ylabel=metric.replace("_", " "),
+                 title=f"final {_metric_title(metric)} (dots: seeds; bar: mean ± std)")
     fig.tight_layout(); fig.savefig(path, dpi=100)
     return Path(path)
 
