@@ -1,0 +1,130 @@
+"""The token-mixer contract, for every mixer in MIXERS: causality, state decoding equal to the full forward, a
+gradient for every parameter, left padding, packed documents; and each mixer's forms agreeing."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smollm.mixers import Mixer, RecurrentState, ShortConv, short_conv, short_conv_ref, short_conv_step
+
+DIM = 16
+MIXERS = {   # name -> a small instance; next session's mixers join here
+    "short_conv": lambda: ShortConv(DIM, kernel_size=3),
+    "short_conv_k4_bias": lambda: ShortConv(DIM, kernel_size=4, bias=True),
+}
+
+
+@pytest.fixture(params=list(MIXERS))
+def mixer(request):
+    torch.manual_seed(0)
+    m = MIXERS[request.param]().double()
+    for p in m.parameters():          # biases start at zero: make them count
+        torch.nn.init.normal_(p, 0, 0.3)
+    return m
+
+
+def x_of(B=2, T=10, seed=1):
+    return torch.randn(B, T, DIM, dtype=torch.double, generator=torch.Generator().manual_seed(seed))
+
+
+def test_is_a_mixer(mixer):
+    assert isinstance(mixer, Mixer) and mixer.family == "mixer"
+    assert mixer.refusal("doc_mask") is None and mixer.refusal("key_mask") is None
+    assert "cannot apply" in mixer.refusal("window")
+
+
+def test_causal(mixer):
+    x = x_of()
+    y = mixer(x, None, None)
+    x2 = x.clone()
+    x2[:, 6:] += 1.0
+    y2 = mixer(x2, None, None)
+    torch.testing.assert_close(y2[:, :6], y[:, :6])
+    assert (y2[:, 6:] - y[:, 6:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("prefill", [1, 4])
+def test_state_decoding_equals_full_forward(mixer, prefill):
+    x = x_of()
+    full = mixer(x, None, None)
+    state = mixer.new_cache()
+    outs = [mixer(x[:, :prefill], None, None, state)]
+    sizes = {state.nbytes()}
+    for t in range(prefill, x.shape[1]):
+        outs.append(mixer(x[:, t:t + 1], None, None, state))
+        sizes.add(state.nbytes())
+    torch.testing.assert_close(torch.cat(outs, 1), full)
+    assert state.length == x.shape[1] and len(sizes) == 1, "the state must not grow with the tokens read"
+
+
+def test_every_parameter_gets_a_gradient(mixer):
+    mixer(x_of(), None, None).square().sum().backward()
+    for name, p in mixer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_left_padding(mixer):
+    x, pad = x_of(B=1, T=6), 3
+    ref = mixer(x, None, None)
+    padded = torch.cat([x_of(B=1, T=pad, seed=7) * 5, x], 1)           # junk in the padding
+    mask = torch.tensor([[False] * pad + [True] * 6])
+    torch.testing.assert_close(mixer(padded, None, None, key_mask=mask)[:, pad:], ref)
+    state = mixer.new_cache()                                          # and decoding after a padded prefill
+    y = [mixer(padded[:, :pad + 2], None, None, state, key_mask=mask[:, :pad + 2])[:, pad:]]
+    for t in range(pad + 2, pad + 6):
+        y.append(mixer(padded[:, t:t + 1], None, None, state, key_mask=mask[:, :t + 1]))
+    torch.testing.assert_close(torch.cat(y, 1), ref)
+
+
+def test_documents_reset_the_state(mixer):
+    a, b = x_of(B=1, T=4, seed=2), x_of(B=1, T=5, seed=3)
+    doc = torch.tensor([[0] * 4 + [1] * 5])
+    y = mixer(torch.cat([a, b], 1), None, None, doc=doc)
+    torch.testing.assert_close(y, torch.cat([mixer(a, None, None), mixer(b, None, None)], 1))
+    with pytest.raises(ValueError, match="doc"):
+        mixer(a, None, None, mixer.new_cache(), doc=doc[:, :4])
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("packed", [False, True])
+def test_short_conv_forms_agree_forward_and_backward(k, packed):
+    g = torch.Generator().manual_seed(k)
+    u = torch.randn(2, 9, 5, dtype=torch.double, generator=g, requires_grad=True)
+    w = torch.randn(5, 1, k, dtype=torch.double, generator=g, requires_grad=True)
+    b = torch.randn(5, dtype=torch.double, generator=g, requires_grad=True)
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [0] * 9]) if packed else None
+    dy = torch.randn(2, 9, 5, dtype=torch.double, generator=g)
+
+    def grads(f):
+        y = f()
+        return [y, *torch.autograd.grad(y, (u, w, b), dy)]
+    ref = grads(lambda: short_conv_ref(u, w, b, doc))
+    forms = {"training": lambda: short_conv(u, w, b, doc)}
+    if not packed:   # the recurrent form, one token at a time (a cache holds one document)
+        def recurrent():
+            last, ys = u.new_zeros(2, k - 1, 5), []
+            for t in range(9):
+                y, last = short_conv_step(u[:, t:t + 1], last, w, b)
+                ys.append(y)
+            return torch.cat(ys, 1)
+        forms["recurrent"] = recurrent
+    for name, f in forms.items():
+        for got, want, what in zip(grads(f), ref, ("y", "du", "dw", "db")):
+            torch.testing.assert_close(got, want, msg=f"{name} form, {what}")
+
+
+def test_short_conv_matches_transformers_lfm2():
+    lfm2 = pytest.importorskip("transformers.models.lfm2.modeling_lfm2")
+    from transformers import Lfm2Config
+    cfg = Lfm2Config(hidden_size=DIM, conv_L_cache=3, conv_bias=True, num_hidden_layers=1, layer_types=["conv"],
+                     vocab_size=32, num_attention_heads=2, num_key_value_heads=2, intermediate_size=32)
+    torch.manual_seed(0)
+    theirs = lfm2.Lfm2ShortConv(cfg, 0).double()
+    ours = ShortConv(DIM, kernel_size=3, bias=True).double()
+    with torch.no_grad():
+        ours.in_proj.load_state_dict(theirs.in_proj.state_dict())
+        ours.out_proj.load_state_dict(theirs.out_proj.state_dict())
+        ours.conv_weight.copy_(theirs.conv.weight)
+        ours.conv_bias.copy_(theirs.conv.bias)
+    x = x_of()
+    torch.testing.assert_close(ours(x, None, None), theirs.slow_forward(x) if hasattr(theirs, "slow_forward")
+                               else theirs(x))
