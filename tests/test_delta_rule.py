@@ -1,0 +1,206 @@
+"""The gated delta rule's three forms (smollm.delta_rule) against each other and against transformers' Qwen3-Next.
+
+S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T (scale q_t),  alpha_t = exp(g_t),
+state (B, H, d_k, d_v). The step-by-step `gated_delta_rule_naive` is the reference, forward and (by autograd)
+backward; the chunked form and the decoding step must reproduce it at every chunk size, for any T, and carry an
+initial state. Special cases are checked against plain math (beta = 0: the state only decays; g = 0, beta = 1,
+orthonormal keys: exact key-value recall, and a rewrite replaces the old value). transformers' torch fallbacks
+are the independent reference; the last test perturbs the decay and requires that comparison to fail.
+"""
+import pytest
+import torch
+
+from smollm.delta_rule import gated_delta_rule_chunked, gated_delta_rule_naive, gated_delta_rule_step
+from smollm.errors import ArgumentError
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+def inputs(B=2, H=2, T=13, dk=8, dv=6, dtype=torch.float64, seed=0, state=True):
+    "Inputs in the ranges Gated DeltaNet produces: unit keys, g <= 0, beta in (0, 1); and an initial state."
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    q, v = r(B, H, T, dk), r(B, H, T, dv)
+    k = torch.nn.functional.normalize(r(B, H, T, dk), dim=-1)
+    g = -torch.rand(B, H, T, generator=gen, dtype=torch.float64)
+    beta = torch.rand(B, H, T, generator=gen, dtype=torch.float64)
+    s0 = r(B, H, dk, dv) if state else None
+    cast = lambda x: None if x is None else x.to(dtype)
+    return [cast(x) for x in (q, k, v, g, beta)], cast(s0)
+
+
+def step_loop(q, k, v, g, beta, initial_state=None, scale=None):
+    "The decoding step run over a whole sequence."
+    S, outs = initial_state, []
+    for t in range(q.shape[2]):
+        o, S = gated_delta_rule_step(q[:, :, t], k[:, :, t], v[:, :, t], g[:, :, t], beta[:, :, t], S, scale=scale)
+        outs.append(o)
+    return torch.stack(outs, 2), S
+
+
+def close(a, b, tol):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    err = (a - b).abs().max().item()
+    assert err <= tol * (1 + b.abs().max().item()), err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T,C", [(16, 1), (16, 4), (16, 16), (13, 4), (13, 16), (37, 16), (5, 64)])
+def test_chunked_equals_naive_forward(dtype, T, C):
+    xs, s0 = inputs(T=T, dtype=dtype)
+    o, S = gated_delta_rule_naive(*xs, initial_state=s0)
+    o_c, S_c = gated_delta_rule_chunked(*xs, chunk_size=C, initial_state=s0)
+    close(o_c, o, TOL[dtype]); close(S_c, S, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_equals_naive_forward(dtype):
+    xs, s0 = inputs(dtype=dtype)
+    o, S = gated_delta_rule_naive(*xs, initial_state=s0)
+    o_s, S_s = step_loop(*xs, initial_state=s0)
+    close(o_s, o, TOL[dtype]); close(S_s, S, TOL[dtype])
+
+
+def _grads(fn, xs, s0):
+    leaves = [x.detach().requires_grad_() for x in [*xs, s0]]
+    o, S = fn(*leaves[:5], initial_state=leaves[5])
+    gen = torch.Generator().manual_seed(1)
+    # random cotangents on both outputs, so that the final state's gradient path is tested too
+    loss = (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() + (S * torch.randn(S.shape, generator=gen, dtype=S.dtype)).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("form", ["chunked1", "chunked4", "chunked16", "step"])
+def test_backward_equals_naive(form):
+    "Gradients of q, k, v, g, beta and the initial state, T = 13 (not a multiple of 4 or 16), fp64."
+    xs, s0 = inputs(T=13)
+    fn = step_loop if form == "step" else (
+        lambda *a, C=int(form[7:]), **kw: gated_delta_rule_chunked(*a, chunk_size=C, **kw))
+    for name, a, b in zip(["q", "k", "v", "g", "beta", "initial_state"], _grads(fn, xs, s0), _grads(gated_delta_rule_naive, xs, s0)):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), name
+
+
+def test_chunked_gradcheck():
+    "Finite differences on the chunked form itself (fp64, tiny), independent of the naive form."
+    xs, s0 = inputs(B=1, H=1, T=5, dk=3, dv=2)
+    leaves = [x.requires_grad_() for x in [*xs, s0]]
+    assert torch.autograd.gradcheck(lambda *a: gated_delta_rule_chunked(*a[:5], chunk_size=2, initial_state=a[5]), leaves)
+
+
+@pytest.mark.parametrize("fn", ["naive", "chunked"])
+def test_initial_state_carries_a_split_sequence(fn):
+    f = gated_delta_rule_naive if fn == "naive" else (lambda *a, **kw: gated_delta_rule_chunked(*a, chunk_size=4, **kw))
+    xs, _ = inputs(T=19, state=False)
+    o, S = f(*xs)
+    first, second = [x[:, :, :7] for x in xs], [x[:, :, 7:] for x in xs]
+    o1, S1 = f(*first)
+    o2, S2 = f(*second, initial_state=S1)
+    close(torch.cat([o1, o2], 2), o, 1e-12); close(S2, S, 1e-12)
+    # and the decoding step continues a chunked prefix
+    o3, S3 = step_loop(*second, initial_state=S1)
+    close(o3, o2, 1e-12); close(S3, S, 1e-12)
+
+
+@pytest.mark.parametrize("fn", ["naive", "chunked", "step"])
+def test_beta_zero_only_decays(fn):
+    xs, s0 = inputs()
+    q, k, v, g, beta = xs
+    run = {"naive": gated_delta_rule_naive, "step": step_loop,
+           "chunked": lambda *a, **kw: gated_delta_rule_chunked(*a, chunk_size=4, **kw)}[fn]
+    o, S = run(q, k, v, g, torch.zeros_like(beta), initial_state=s0)
+    decayed = s0[:, :, None] * g.cumsum(-1).exp()[..., None, None]                 # (B, H, T, d_k, d_v)
+    close(S, decayed[:, :, -1], 1e-12)
+    close(o, torch.einsum("bhtk,bhtkv->bhtv", q * q.shape[-1] ** -0.5, decayed), 1e-12)
+
+
+@pytest.mark.parametrize("fn", ["naive", "chunked", "step"])
+def test_exact_recall_with_orthonormal_keys(fn):
+    "g = 0, beta = 1: writing orthonormal keys stores each value exactly, and rewriting a key replaces its value."
+    d = 6
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0].T   # rows orthonormal
+    vals = torch.randn(d + 1, 4, generator=gen, dtype=torch.float64)
+    k = torch.cat([keys, keys[:1]])[None, None]              # the last token rewrites key 0 with a new value
+    v = vals[None, None]
+    q = torch.cat([keys[:1], keys[1:], keys[:1]])[None, None]  # query: key 0, then each new key, then key 0 again
+    T = d + 1
+    g, beta = torch.zeros(1, 1, T, dtype=torch.float64), torch.ones(1, 1, T, dtype=torch.float64)
+    run = {"naive": gated_delta_rule_naive, "step": step_loop,
+           "chunked": lambda *a, **kw: gated_delta_rule_chunked(*a, chunk_size=4, **kw)}[fn]
+    o, S = run(q, k, v, g, beta, scale=1.0)
+    close(o[0, 0], vals, 1e-12)                               # o_t = v_t at every step, o_T = the new value
+    close(S[0, 0], keys.T @ torch.cat([vals[-1:], vals[1:d]]), 1e-12)   # S = sum_i k_i v_i^T, key 0 overwritten
+
+
+def test_strong_decay_stays_finite():
+    "exp is only ever taken of gamma_i - gamma_j with i >= j: g = -60 per token must not overflow the chunk."
+    xs, s0 = inputs(T=16, dtype=torch.float32)
+    xs[3] = torch.full_like(xs[3], -60.0)
+    o_c, S_c = gated_delta_rule_chunked(*xs, chunk_size=16, initial_state=s0)
+    o, S = gated_delta_rule_naive(*xs, initial_state=s0)
+    assert torch.isfinite(o_c).all() and torch.isfinite(S_c).all()
+    close(o_c, o, 1e-5); close(S_c, S, 1e-5)
+
+
+def test_dtype_and_errors():
+    xs, s0 = inputs(dtype=torch.float32)
+    o, S = gated_delta_rule_chunked(*xs, initial_state=s0)
+    assert o.dtype == S.dtype == torch.float32 and o.shape == (2, 2, 13, 6) and S.shape == (2, 2, 8, 6)
+    q, k, v, g, beta = xs
+    with pytest.raises(ArgumentError, match="chunk_size=0"):
+        gated_delta_rule_chunked(*xs, chunk_size=0)
+    with pytest.raises(ArgumentError, match="beta.shape"):
+        gated_delta_rule_naive(q, k, v, g, beta[:, :, :-1])
+    with pytest.raises(ArgumentError, match="initial_state.shape"):
+        gated_delta_rule_chunked(*xs, initial_state=s0.transpose(-1, -2))   # (d_v, d_k): the paper's layout
+    with pytest.raises(ArgumentError, match="q.shape"):
+        gated_delta_rule_step(q, k, v, g, beta)                 # a sequence given to the one-token step
+
+
+# --- transformers' Qwen3-Next: an implementation no one here wrote ---------------------------------------------
+
+def _hf(fn_name, xs, s0, chunk_size=None):
+    """transformers' torch fallback on the same inputs: (B, T, H, d) layout, q and k L2-normalised inside
+    (`use_qk_l2norm_in_kernel=True`), the query scaled by d_k^-0.5, state (B, H, d_k, d_v), fp32."""
+    qn = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+    fn = getattr(qn, fn_name)
+    tr = lambda x: x.transpose(1, 2)
+    kw = {} if chunk_size is None else {"chunk_size": chunk_size}
+    o, S = fn(*(tr(x) for x in xs), initial_state=s0, output_final_state=True, use_qk_l2norm_in_kernel=True, **kw)
+    return tr(o), S
+
+
+def _l2norm(x):
+    "transformers' (and flash-linear-attention's) l2norm: x * rsqrt(sum x^2 + 1e-6)."
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def _raw_inputs(T=13):
+    xs, s0 = inputs(T=T, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    xs[1] = torch.randn(xs[1].shape, generator=gen) * 2       # raw keys: the normalisation is part of what's matched
+    return xs, s0
+
+
+@pytest.mark.parametrize("hf_fn,C", [("torch_recurrent_gated_delta_rule", None),
+                                     ("torch_chunk_gated_delta_rule", 4), ("torch_chunk_gated_delta_rule", 64)])
+@pytest.mark.parametrize("ours", ["naive", "chunked", "step"])
+def test_matches_transformers_qwen3_next(hf_fn, C, ours):
+    xs, s0 = _raw_inputs()
+    o_hf, S_hf = _hf(hf_fn, xs, s0, C)
+    q, k, v, g, beta = xs
+    mine = [_l2norm(q), _l2norm(k), v, g, beta]
+    run = {"naive": gated_delta_rule_naive, "step": step_loop,
+           "chunked": lambda *a, **kw: gated_delta_rule_chunked(*a, chunk_size=4, **kw)}[ours]
+    o, S = run(*mine, initial_state=s0)
+    close(o, o_hf, 1e-5); close(S, S_hf, 1e-5)
+
+
+def test_transformers_comparison_can_fail():
+    "The planted bug: a decay off by 1e-2 per token must break the 1e-5 agreement (the tolerance discriminates)."
+    xs, s0 = _raw_inputs()
+    o_hf, S_hf = _hf("torch_recurrent_gated_delta_rule", xs, s0)
+    q, k, v, g, beta = xs
+    o, S = gated_delta_rule_chunked(_l2norm(q), _l2norm(k), v, g - 1e-2, beta, chunk_size=4, initial_state=s0)
+    with pytest.raises(AssertionError):
+        close(o, o_hf, 1e-5)
