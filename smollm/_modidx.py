@@ -68,6 +68,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'smollm.config.compose': ('config.html#compose', 'smollm/config.py'),
                                'smollm.config.conf_dir': ('config.html#conf_dir', 'smollm/config.py'),
                                'smollm.config.layer_kinds': ('config.html#layer_kinds', 'smollm/config.py'),
+                               'smollm.config.mixer_kinds': ('config.html#mixer_kinds', 'smollm/config.py'),
                                'smollm.config.options': ('config.html#options', 'smollm/config.py'),
                                'smollm.config.validate': ('config.html#validate', 'smollm/config.py')},
             'smollm.data': { 'smollm.data.DataError': ('data.html#dataerror', 'smollm/data.py'),

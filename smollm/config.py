@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import ArgumentError, check
 
 # %% auto #0
-__all__ = ['LAYER_KINDS', 'ConfigError', 'conf_dir', 'options', 'LayerKind', 'layer_kinds', 'build_model', 'validate', 'compose']
+__all__ = ['LAYER_KINDS', 'ConfigError', 'conf_dir', 'options', 'LayerKind', 'mixer_kinds', 'layer_kinds', 'build_model',
+           'validate', 'compose']
 
 # %% ../nbs/06_config.ipynb #70b804cc
 class ConfigError(ValueError):
@@ -33,27 +34,40 @@ def options(group: str) -> list[str]:
 # %% ../nbs/06_config.ipynb #5f25fb6c
 @dataclass(frozen=True)
 class LayerKind:
-    "What a letter of `model.layer_pattern` makes of a layer: `windowed` attention or global, with or without `positions`."
+    """What a letter of `model.layer_pattern` makes of a layer: `windowed` attention or global, with or without
+    `positions`; or, with `mixer` set, the token mixer model.mixers[mixer] in attention's place."""
     means: str
     windowed: bool = False   # True: attention with model.attention.window; False: global attention (window None)
     positions: bool = True   # False: the layer sees no positional encoding (NoPE)
+    mixer: str | None = None # a letter of model.mixers: the layer is that mixer (smollm.mixers), not attention
 
 LAYER_KINDS = {"G": LayerKind("global attention"),
                "S": LayerKind("sliding-window attention", windowed=True),
                "N": LayerKind("global attention without positions", positions=False)}
 
-def layer_kinds(pattern: str | None, n_layers: int, window: int | None = None) -> list[LayerKind | None]:
+def mixer_kinds(mixers: dict[str, str]) -> dict[str, LayerKind]:
+    """The layer kinds of the letters bound to mixers: `mixers` maps each letter of model.mixers to what its mixer
+    is (its class name). A mixer letter is one capital letter that LAYER_KINDS does not hold."""
+    for c in mixers:
+        check(isinstance(c, str) and len(c) == 1 and c.isupper() and c not in LAYER_KINDS, f"model.mixers.{c}",
+              "a mixer", f"a letter that names no attention kind: one capital letter other than {', '.join(LAYER_KINDS)}")
+    return {c: LayerKind(f"the mixer {what} of model.mixers.{c}", mixer=c) for c, what in mixers.items()}
+
+def layer_kinds(pattern: str | None, n_layers: int, window: int | None = None,
+                mixers: dict[str, str] | None = None) -> list[LayerKind | None]:
     """The kind of each of `n_layers` layers: `pattern` repeated, or None for every layer with no pattern.
-    `window` is model.attention.window, which a windowed kind needs."""
+    `window` is model.attention.window, which a windowed kind needs; `mixers` (letter -> what the mixer is) the
+    letters model.mixers binds (`mixer_kinds`)."""
+    letters = {**LAYER_KINDS, **mixer_kinds(mixers or {})}   # a bad mixer letter fails even with no pattern
     if not pattern:
         return [None] * n_layers
-    known = ", ".join(f"{c} ({k.means})" for c, k in LAYER_KINDS.items())
-    check(isinstance(pattern, str) and set(pattern) <= set(LAYER_KINDS), "model.layer_pattern", pattern,
+    known = ", ".join(f"{c} ({k.means})" for c, k in letters.items())
+    check(isinstance(pattern, str) and set(pattern) <= set(letters), "model.layer_pattern", pattern,
           f"a string of the letters {known}")
     check(n_layers % len(pattern) == 0, "model.layer_pattern", pattern,
           f"a pattern whose length divides model.n_layers={n_layers} (it has length {len(pattern)})")
-    kinds = [LAYER_KINDS[c] for c in pattern] * (n_layers // len(pattern))
-    windowed = ", ".join(f"{c} ({LAYER_KINDS[c].means})" for c in sorted(set(pattern)) if LAYER_KINDS[c].windowed)
+    kinds = [letters[c] for c in pattern] * (n_layers // len(pattern))
+    windowed = ", ".join(f"{c} ({letters[c].means})" for c in sorted(set(pattern)) if letters[c].windowed)
     check(window is not None or not windowed, "model.layer_pattern", pattern,
           f"{windowed} layers need model.attention.window set")
     return kinds
@@ -103,16 +117,23 @@ def build_model(cfg) -> Transformer:
     with named():
         for key in ("dim", "n_layers"):
             check(isinstance(cfg[key], int) and cfg[key] >= 1, key, cfg[key], "a positive integer")
-        kinds = layer_kinds(cfg.get("layer_pattern"), n_layers, window)
+        mixer_cfgs = cfg.get("mixers") or {}    # letter -> a mixer config: the pattern's mixer letters
+        kinds = layer_kinds(cfg.get("layer_pattern"), n_layers, window,
+                            {c: str(m.get("_target_")).rsplit(".", 1)[-1] for c, m in mixer_cfgs.items()})
     with named("model.norm", dim="model.dim"):
         norm = instantiate(cfg["norm"])
         final_norm = norm(dim)
     with named("model.attention", **shape):
         attention = instantiate(cfg["attention"])
-        attns = [attention(dim=dim, n_heads=n_heads, head_dim=head_dim,
-                           **({} if k is None else {"window": window if k.windowed else None})) for k in kinds]
+        attns = [None if k is not None and k.mixer else attention(dim=dim, n_heads=n_heads, head_dim=head_dim,
+                 **({} if k is None else {"window": window if k.windowed else None})) for k in kinds]
+    for i, k in enumerate(kinds):                # a mixer layer holds its mixer where attention would stand
+        if k is not None and k.mixer:
+            with named(f"model.mixers.{k.mixer}", dim="model.dim"):
+                attns[i] = instantiate(mixer_cfgs[k.mixer])(dim=dim)
+    layer_head_dim = next((a.head_dim for a in attns if hasattr(a, "head_dim")), head_dim or dim // n_heads)
     with named("model.positional", **shape, max_seq_len="model.block_size"):
-        positional = instantiate(cfg["positional"])(dim=dim, n_heads=n_heads, head_dim=attns[0].head_dim,
+        positional = instantiate(cfg["positional"])(dim=dim, n_heads=n_heads, head_dim=layer_head_dim,
                                                     max_seq_len=cfg["block_size"])
     with named("model.attention"):
         check(window is None or window <= cfg["block_size"], "window", window,

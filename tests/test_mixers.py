@@ -128,3 +128,67 @@ def test_short_conv_matches_transformers_lfm2():
     x = x_of()
     torch.testing.assert_close(ours(x, None, None), theirs.slow_forward(x) if hasattr(theirs, "slow_forward")
                                else theirs(x))
+
+
+# ---- in a model: every option of model/mixer, bound to a letter of the layer pattern ----
+from smollm.config import ConfigError, build_model, compose, options  # noqa: E402
+from smollm.generate import generate  # noqa: E402
+
+TINY = ["model=tiny", "data.vocab_size=128", "model.n_layers=4"]
+
+
+def hybrid(option, pattern="CCCG", *more):
+    torch.manual_seed(0)
+    return build_model(compose([*TINY, f"model/mixer@model.mixers.C={option}", f"model.layer_pattern={pattern}",
+                                *more]).model)
+
+
+@pytest.mark.parametrize("option", options("model/mixer"))
+def test_every_mixer_option_builds_trains_and_is_a_mixer(option):
+    model = hybrid(option)
+    assert [isinstance(b.attn, Mixer) for b in model.layers] == [True, True, True, False]
+    assert model.layers[0].attn.family == "mixer"     # its parameters count as the mixer family's
+    ids = torch.randint(0, 128, (2, 13))
+    model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{option}: no gradient on {name}"
+    assert model.packing_refusal() is None
+    assert model.param_counts()["mixer"] > 0
+
+
+@pytest.mark.parametrize("option", options("model/mixer"))
+@pytest.mark.parametrize("pattern", ["CCCG", "C"])
+def test_generate_decodes_with_the_state(option, pattern):
+    model = hybrid(option, pattern, "model.init_std=0.5").eval()    # large weights: every layer moves the argmax
+    ids = torch.randint(0, 128, (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with_state = generate(model, ids, 6, attention_mask=mask)
+    recomputed = generate(model, ids, 6, attention_mask=mask, use_cache=False)
+    assert torch.equal(with_state, recomputed)
+    alone = generate(model, ids[:1, 2:], 6)                         # the padded row decodes as if unpadded
+    assert torch.equal(with_state[:1, 2:], alone)
+
+
+def test_mixer_letters_are_checked():
+    with pytest.raises(ConfigError, match=r"layer_pattern='CX'.*C \(the mixer ShortConv of model.mixers.C\)"):
+        compose([*TINY, "model.layer_pattern=CX"])
+    with pytest.raises(ConfigError, match="model.mixers.G"):
+        compose([*TINY, "+model/mixer@model.mixers.G=short_conv"])
+    with pytest.raises(ConfigError, match="model.mixers.C.kernel_size=1 is not valid"):
+        compose([*TINY, "model.layer_pattern=CG", "model.mixers.C.kernel_size=1"])
+    m = build_model(compose([*TINY, "+model/mixer@model.mixers.X=short_conv", "model.mixers.X.kernel_size=4",
+                             "model.layer_pattern=CXGG"]).model)
+    assert [getattr(b.attn, "kernel_size", None) for b in m.layers] == [3, 4, None, None]
+
+
+@pytest.mark.parametrize("option", options("model/mixer"))
+def test_model_decoding_with_state_equals_full_forward(option):
+    model = hybrid(option, "CCCG", "model.init_std=0.5").double().eval()
+    ids = torch.randint(0, 128, (2, 9))
+    mask = torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9])
+    full = model(ids, key_mask=mask)
+    cache = model.new_cache()
+    steps = [model(ids[:, :4], cache, key_mask=mask[:, :4])]
+    steps += [model(ids[:, t:t + 1], cache, key_mask=mask[:, :t + 1]) for t in range(4, 9)]
+    torch.testing.assert_close(torch.cat(steps, 1)[1], full[1])
+    torch.testing.assert_close(torch.cat(steps, 1)[0, 3:], full[0, 3:])
