@@ -527,6 +527,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'smollm.moe.MoE.forward': ('moe.html#moe.forward', 'smollm/moe.py'),
                             'smollm.moe.MoE.param_counts': ('moe.html#moe.param_counts', 'smollm/moe.py'),
                             'smollm.moe.MoE.stats': ('moe.html#moe.stats', 'smollm/moe.py'),
+                            'smollm.moe.balance': ('moe.html#balance', 'smollm/moe.py'),
                             'smollm.moe.experts_grouped': ('moe.html#experts_grouped', 'smollm/moe.py'),
                             'smollm.moe.experts_reference': ('moe.html#experts_reference', 'smollm/moe.py'),
                             'smollm.moe.route': ('moe.html#route', 'smollm/moe.py')},

@@ -13,7 +13,7 @@ from .kernels import swiglu
 from .mlp import MLP, SwiGLU
 
 # %% auto #0
-__all__ = ['route', 'experts_reference', 'experts_grouped', 'MoE']
+__all__ = ['MATCH_RULES', 'route', 'experts_reference', 'experts_grouped', 'balance', 'MoE']
 
 # %% ../nbs/08_moe.ipynb #a05c1cb9
 def route(logits: torch.Tensor, top_k: int, norm_topk: bool = True, bias: torch.Tensor | None = None):
@@ -60,26 +60,45 @@ def experts_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     rows = torch.cat(outs) * weight.reshape(-1)[order, None].to(x.dtype)
     return torch.zeros_like(x).index_add_(0, token, rows)
 
+# %% ../nbs/08_moe.ipynb #f0d8362d
+def balance(probs: torch.Tensor, index: torch.Tensor, n_experts: int):
+    """Router statistics of one forward: probs (T, E) the router's softmax, index (T, k) the chosen experts.
+    Returns (counts (E,) assignments per expert, load (E,) their fraction, the Switch/Mixtral balancing loss
+    n_experts * sum_i load_i * mean_t probs_ti (1 when balanced, with a gradient through probs), the mean entropy
+    of probs per token in nats)."""
+    counts = torch.bincount(index.reshape(-1), minlength=n_experts).to(probs.dtype)
+    load = counts / counts.sum()
+    loss = n_experts * (load * probs.mean(0)).sum()
+    entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
+    return counts, load, loss, entropy
+
 # %% ../nbs/08_moe.ipynb #8abd5967
+MATCH_RULES = ("active", "total")
+
 class MoE(MLP):
-    """Mixture of `n_experts` SwiGLU experts of width `expert_hidden` (None: hidden // (top_k + n_shared), so the
-    active parameters match a SwiGLU of width `hidden`), token-choice top-`top_k` routing, `n_shared` shared
-    experts. Dropless. `norm_topk`: renormalise the chosen weights (Mixtral, Qwen3-MoE) or not (OLMoE).
+    """Mixture of `n_experts` SwiGLU experts of width `expert_hidden`, token-choice top-`top_k` routing, `n_shared`
+    shared experts; dropless. `expert_hidden` None sizes the experts from `hidden` by `match`: 'active' (hidden //
+    (top_k + n_shared): a token uses as many expert parameters as a SwiGLU of width `hidden` has) or 'total'
+    (hidden // (n_experts + n_shared): all experts together have them). `norm_topk`: renormalise the chosen
+    weights (Mixtral, Qwen3-MoE) or not (OLMoE).
     `aux_loss_weight`: weight of the load-balancing loss left in `self.aux_loss`; `bias_update_rate`: DeepSeek-V3's
     auxiliary-loss-free bias step (0: off)."""
     gated = True
     impl = "auto"
 
     def __init__(self, dim: int, hidden: int, n_experts: int = 4, top_k: int = 2, n_shared: int = 0,
-                 expert_hidden: int | None = None, norm_topk: bool = True, aux_loss_weight: float = 0.01,
-                 bias_update_rate: float = 0.0, init_std: float = 0.02):
+                 expert_hidden: int | None = None, match: str = "active", norm_topk: bool = True,
+                 aux_loss_weight: float = 0.01, bias_update_rate: float = 0.0, init_std: float = 0.02):
         super().__init__()
         check(isinstance(n_experts, int) and n_experts >= 1, "n_experts", n_experts, "a positive integer")
-        check(isinstance(top_k, int) and 1 <= top_k <= n_experts, "top_k", top_k, f"an integer in 1..n_experts={n_experts}")
+        check(isinstance(top_k, int) and 1 <= top_k <= n_experts, "top_k", top_k,
+              f"an integer in 1..n_experts={n_experts}")
         check(isinstance(n_shared, int) and n_shared >= 0, "n_shared", n_shared, "a non-negative integer")
-        eh = hidden // (top_k + n_shared) if expert_hidden is None else expert_hidden
+        check(match in MATCH_RULES, "match", match, f"one of {MATCH_RULES}")
+        share = (top_k if match == "active" else n_experts) + n_shared
+        eh = hidden // share if expert_hidden is None else expert_hidden
         check(isinstance(eh, int) and eh >= 1, "expert_hidden", expert_hidden,
-              f"a positive integer, or None for hidden // (top_k + n_shared) (here {hidden} // {top_k + n_shared})")
+              f"a positive integer, or None for hidden // {share} by match={match!r} (here {hidden} // {share} = 0)")
         check(aux_loss_weight >= 0, "aux_loss_weight", aux_loss_weight, "a number >= 0")
         check(bias_update_rate >= 0, "bias_update_rate", bias_update_rate, "a number >= 0 (0: no bias)")
         self.dim, self.n_experts, self.top_k, self.n_shared, self.expert_hidden = dim, n_experts, top_k, n_shared, eh
@@ -104,20 +123,18 @@ class MoE(MLP):
         return out.reshape(shape)
 
     def _balance(self, probs: torch.Tensor, index: torch.Tensor):
-        "Router statistics, the weighted auxiliary loss, and (training only) the bias step."
-        counts = torch.bincount(index.reshape(-1), minlength=self.n_experts).to(probs.dtype)
-        load = counts / counts.sum()
-        balance = self.n_experts * (load * probs.mean(0)).sum()
-        self.aux_loss = self.aux_loss_weight * balance
-        self.balance_loss, self.load = balance.detach(), load.detach()
-        self.router_entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean().detach()
+        "Keep the router statistics and the weighted auxiliary loss; in training, take the bias step."
+        counts, load, loss, entropy = balance(probs, index, self.n_experts)
+        self.aux_loss = self.aux_loss_weight * loss
+        self.balance_loss, self.load, self.router_entropy = loss.detach(), load.detach(), entropy.detach()
         if self.training and self.bias_update_rate > 0:
-            with torch.no_grad():
+            with torch.no_grad():   # outside the gradient: raise the idle experts' bias, lower the busy ones'
                 self.expert_bias += self.bias_update_rate * torch.sign(counts.mean() - counts)
 
     def stats(self) -> dict[str, float]:
         """The last forward's router statistics as numbers: `load_max` (the busiest expert's load over the mean:
-        1 when balanced, n_experts / top_k at worst), `router_entropy` (nats), `balance_loss` (the auxiliary loss before its weight; 1 when balanced)."""
+        1 when balanced, n_experts / top_k at worst), `router_entropy` (nats), `balance_loss` (the auxiliary loss
+        before its weight; 1 when balanced)."""
         if self.load is None:
             return {}
         return {"load_max": (self.load.max() * self.n_experts).item(),

@@ -148,3 +148,29 @@ def test_tiny_model_with_moe_trains_and_counts():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     assert moes and all(set(m.stats()) == {"load_max", "router_entropy", "balance_loss"} for m in moes)
+
+
+def test_balance_loss_is_mixtral_load_balancing_loss_over_top_k():
+    # transformers' f sums to top_k over the experts, ours to 1: theirs is top_k times ours
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    torch.manual_seed(0)
+    m = MoE(16, 64, n_experts=4, top_k=2)
+    x = torch.randn(30, 16)
+    m(x)
+    theirs = load_balancing_loss_func((m.router(x),), num_experts=4, top_k=2)
+    assert theirs.item() == pytest.approx(2 * m.balance_loss.item(), rel=1e-5)
+
+
+def test_match_sizes_experts_to_active_or_total():
+    active, total = MoE(16, 96, n_experts=8, top_k=2), MoE(16, 96, n_experts=8, top_k=2, match="total")
+    dense = 3 * 16 * 96
+    assert active.param_counts()["active"] - 16 * 8 == dense
+    assert total.param_counts()["total"] - 16 * 8 == dense
+    with pytest.raises(ConfigError, match="match"):
+        build_model(compose([*TINY, "model.mlp.match=all"]).model)
+
+
+def test_builds_on_meta():
+    with torch.device("meta"):
+        model = build_model(compose(["model=tinyllama_120m", "model/mlp=moe"]).model)
+    assert any(isinstance(m, MoE) for m in model.modules())
