@@ -16,17 +16,19 @@ __all__ = ['RecurrentState', 'Mixer', 'short_conv_ref', 'short_conv', 'short_con
 # %% ../nbs/07_mixers.ipynb #8b4a41bc
 class RecurrentState:
     """A mixer's decoding cache: named tensors of a fixed size (a convolution's last inputs, a recurrence's state
-    matrix) that do not grow with the tokens read, and `length`, the number of tokens read so far."""
+    matrix) that do not grow with the tokens read, and `length`, the number of tokens read so far. `static=True`
+    (for a compiled decoding step): `length` is a 0-dim tensor and `advance` writes the tensors in place, so that
+    one compiled step serves every position."""
     key_pos = None   # as a GrowingCache: the model's positions continue from `length`
 
-    def __init__(self):
+    def __init__(self, static: bool = False):
         self.tensors: dict[str, torch.Tensor] = {}
-        self.n = 0
+        self.static, self.n = static, (None if static else 0)
 
     @property
-    def length(self) -> int:
-        "Tokens read so far."
-        return self.n
+    def length(self):
+        "Tokens read so far: an int, or a 0-dim tensor when static (0 before the first token)."
+        return 0 if self.n is None else self.n
 
     def get(self, name: str, make) -> torch.Tensor:
         "The tensor `name`, made by `make()` (the state before any token, usually zeros) on first use."
@@ -41,7 +43,15 @@ class RecurrentState:
             if old is not None and old.shape != t.shape:
                 raise ValueError(f"a RecurrentState's {name!r} must keep its shape {tuple(old.shape)}; got "
                                  f"{tuple(t.shape)}")
-            self.tensors[name] = t
+            if self.static and old is not None:
+                old.copy_(t)
+            else:
+                self.tensors[name] = t
+        if not self.static:
+            self.n += T
+            return
+        if self.n is None:
+            self.n = torch.zeros((), dtype=torch.long, device=next(iter(new.values())).device)
         self.n += T
 
     def nbytes(self) -> int:
@@ -59,10 +69,11 @@ class Mixer(nn.Module):
     supports: frozenset[str] = frozenset({"key_mask", "doc_mask"})
 
     def new_cache(self, capacity: int | None = None) -> RecurrentState:
-        "An empty state. `capacity` (a static cache's slots, for compiled decoding) changes nothing: the state is fixed-size."
+        """An empty state. With `capacity` (a static cache's slots, asked for by compiled decoding) a static one; the
+        state's size does not depend on it."""
         check(capacity is None or (isinstance(capacity, int) and capacity >= 1), "capacity", capacity,
               "a positive integer or None")
-        return RecurrentState()
+        return RecurrentState(static=capacity is not None)
 
     def check_positional(self, positional) -> None:
         "Accept every positional encoding: a mixer reads none (its recurrence knows the order)."
@@ -84,6 +95,8 @@ class Mixer(nn.Module):
         if key_mask is None:
             return None
         start = 0 if cache is None else cache.length
+        if torch.is_tensor(start):      # a static state: a 0-dim tensor, read without a host sync
+            return key_mask.index_select(1, start + torch.arange(T, device=key_mask.device)).bool()
         check(key_mask.shape[1] >= start + T, "key_mask", f"a tensor of shape {tuple(key_mask.shape)}",
               f"(batch, tokens read before + new) with at least {start + T} columns")
         return key_mask[:, start:start + T].bool()
