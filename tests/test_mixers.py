@@ -2,15 +2,24 @@
 gradient for every parameter, left padding, packed documents; and each mixer's forms agreeing."""
 import pytest
 import torch
-import torch.nn.functional as F
 
-from smollm.mixers import Mixer, RecurrentState, ShortConv, short_conv, short_conv_ref, short_conv_step
+from smollm.config import ConfigError, build_model, compose, options
+from smollm.generate import generate
+from smollm.mixers import Mixer, ShortConv, short_conv, short_conv_ref, short_conv_step
 
 DIM = 16
-MIXERS = {   # name -> a small instance; next session's mixers join here
-    "short_conv": lambda: ShortConv(DIM, kernel_size=3),
-    "short_conv_k4_bias": lambda: ShortConv(DIM, kernel_size=4, bias=True),
-}
+TINY = ["model=tiny", "data.vocab_size=128", "model.n_layers=4"]
+
+
+def configured(option):
+    "A mixer as the option's yaml (conf/model/mixer) makes it, at width DIM."
+    from hydra.utils import instantiate
+    cfg = compose([*TINY, f"model/mixer@model.mixers.C={option}"]).model.mixers.C
+    return lambda: instantiate(cfg)(dim=DIM)
+
+
+MIXERS = {o: configured(o) for o in options("model/mixer")}          # a new yaml joins the matrix by itself
+MIXERS["short_conv_k4_bias"] = lambda: ShortConv(DIM, kernel_size=4, bias=True)
 
 
 @pytest.fixture(params=list(MIXERS))
@@ -131,10 +140,6 @@ def test_short_conv_matches_transformers_lfm2():
 
 
 # ---- in a model: every option of model/mixer, bound to a letter of the layer pattern ----
-from smollm.config import ConfigError, build_model, compose, options  # noqa: E402
-from smollm.generate import generate  # noqa: E402
-
-TINY = ["model=tiny", "data.vocab_size=128", "model.n_layers=4"]
 
 
 def hybrid(option, pattern="CCCG", *more):
