@@ -1,0 +1,145 @@
+"""Mamba2's SSD ops (smollm.ssd): the chunked form and the decoding step against the step-by-step recurrence,
+forward and backward (autograd through the recurrence is the reference for the gradients of x, dt, A, B, C, D),
+special cases against plain math, and transformers' own Mamba2 SSD (its chunk scan and its state update, and the
+whole Mamba2Mixer with smollm's SSD swapped into the middle) on the same tensors. The last test plants a bug
+(the decay applied after the input) and requires the comparison to fail.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smollm.errors import ArgumentError
+from smollm.ssd import heads_of_groups, ssd_chunked, ssd_naive, ssd_step
+
+hf = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
+
+
+def inputs(b=2, t=13, h=4, p=3, g=2, n=5, seed=0, grad=False):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)
+    ts = [r(b, t, h, p), F.softplus(r(b, t, h)), -torch.rand(h, generator=gen) - 0.1, r(b, t, g, n), r(b, t, g, n), r(h)]
+    return [v.requires_grad_(grad) for v in ts]
+
+
+def close(a, b, tol=1e-5):
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("L", [1, 4, 16, 5])
+def test_chunked_equals_naive_forward_and_backward(L):
+    args = inputs(grad=True)
+    init = torch.randn(2, 4, 3, 5, requires_grad=True)
+    outs = []
+    for f in (lambda: ssd_naive(*args, initial_state=init), lambda: ssd_chunked(*args, chunk_size=L, initial_state=init)):
+        y, s = f()
+        loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + (s ** 2).sum()
+        outs.append((y, s, torch.autograd.grad(loss, args + [init])))
+    (y0, s0, g0), (y1, s1, g1) = outs
+    close(y1, y0); close(s1, s0)
+    for a, b in zip(g1, g0):
+        close(a, b, 1e-4)
+
+
+def test_step_equals_naive_forward_and_backward():
+    args = inputs(grad=True)
+    x, dt, A, B, C, D = args
+    y0, s0 = ssd_naive(*args)
+    state, ys = None, []
+    for i in range(x.shape[1]):
+        yi, state = ssd_step(x[:, i], dt[:, i], A, B[:, i], C[:, i], D, state)
+        ys.append(yi)
+    y1 = torch.stack(ys, 1)
+    close(y1, y0); close(state, s0)
+    for a, b in zip(torch.autograd.grad(y1.sin().sum(), args), torch.autograd.grad(y0.sin().sum(), args)):
+        close(a, b, 1e-4)
+
+
+def test_split_sequence_carries_state():
+    x, dt, A, B, C, D = inputs(t=19)
+    y, s = ssd_naive(x, dt, A, B, C, D)
+    for f in (ssd_naive, lambda *a, **k: ssd_chunked(*a, chunk_size=4, **k)):
+        y1, s1 = f(x[:, :9], dt[:, :9], A, B[:, :9], C[:, :9], D)
+        y2, s2 = f(x[:, 9:], dt[:, 9:], A, B[:, 9:], C[:, 9:], D, initial_state=s1)
+        close(torch.cat([y1, y2], 1), y); close(s2, s)
+
+
+def test_no_memory_when_A_very_negative():
+    x, dt, A, B, C, D = inputs()
+    A = torch.full_like(A, -1e4)
+    want = dt[..., None] * (heads_of_groups(C, 4) * heads_of_groups(B, 4)).sum(-1)[..., None] * x + D[:, None] * x
+    for y, _ in (ssd_naive(x, dt, A, B, C, D), ssd_chunked(x, dt, A, B, C, D, chunk_size=4)):
+        close(y, want)
+
+
+def test_tiny_dt_is_the_skip():
+    x, dt, A, B, C, D = inputs()
+    dt = torch.full_like(dt, 1e-8)
+    for y, _ in (ssd_naive(x, dt, A, B, C, D), ssd_chunked(x, dt, A, B, C, D, chunk_size=4)):
+        close(y, D[:, None] * x)
+
+
+def test_matches_transformers_chunk_scan_and_state_update():
+    x, dt, A, B, C, D = inputs(t=11)
+    init = torch.randn(2, 4, 3, 5)
+    yt, st = hf.mamba2_chunk_scan(x, dt, A, B, C, chunk_size=4, D=D, initial_states=init, return_final_states=True)
+    y, s = ssd_chunked(x, dt, A, B, C, D, chunk_size=4, initial_state=init)
+    close(y, yt); close(s, st)
+    # transformers' decoding update works per (head, head_dim) and writes its state in place
+    state = init.clone()
+    yh = hf.mamba2_selective_state_update(state, x[:, 0], dt[:, 0, :, None].expand(-1, -1, 3), A[:, None, None].expand(-1, 3, 5),
+                                          B[:, 0], C[:, 0], D[:, None].expand(-1, 3))
+    y1, s1 = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, init)
+    close(y1, yh); close(s1, state)
+
+
+def _mixer():
+    from transformers import Mamba2Config
+    cfg = Mamba2Config(hidden_size=16, num_heads=4, head_dim=8, expand=2, state_size=6, n_groups=2, chunk_size=4,
+                       conv_kernel=4, num_hidden_layers=1, vocab_size=32)
+    torch.manual_seed(0)
+    m = hf.Mamba2Mixer(cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def _mixer_with(m, h, ssd):
+    "Mamba2Mixer.forward's torch path with its SSD replaced by `ssd` (transformers' conventions, written out)."
+    b, t, _ = h.shape
+    gate, xBC, dt = m.in_proj(h).split([m.intermediate_size, m.conv_dim, m.num_heads], -1)
+    xBC = F.silu(m.conv1d(xBC.transpose(1, 2))[..., :t].transpose(1, 2))
+    x, B, C = xBC.split([m.intermediate_size, m.n_groups * m.ssm_state_size, m.n_groups * m.ssm_state_size], -1)
+    dt = F.softplus(dt + m.dt_bias).clamp(*m.time_step_limit)
+    A = -torch.exp(m.A_log.float())
+    y, _ = ssd(x.view(b, t, m.num_heads, m.head_dim), dt, A, B.view(b, t, m.n_groups, -1), C.view(b, t, m.n_groups, -1), m.D)
+    return m.out_proj(m.norm(y.reshape(b, t, -1), gate))
+
+
+def test_matches_transformers_mamba2_mixer():
+    m = _mixer()
+    h = torch.randn(2, 10, 16)
+    with torch.no_grad():
+        want = m(h)
+        close(_mixer_with(m, h, lambda *a: ssd_chunked(*a, chunk_size=4)), want)
+        close(_mixer_with(m, h, ssd_naive), want)
+
+
+def test_planted_bug_is_caught():
+    def wrong(x, dt, A, B, C, D):  # decays the new input too: h_t = exp(dt A) (h_{t-1} + dt x B^T)
+        y, s = ssd_naive(x, dt, A, B, C, None)
+        return y * torch.exp(dt * A)[..., None] + D[:, None] * x, s
+    m = _mixer()
+    h = torch.randn(2, 10, 16)
+    with torch.no_grad(), pytest.raises(AssertionError):
+        close(_mixer_with(m, h, wrong), m(h))
+
+
+def test_argument_errors():
+    x, dt, A, B, C, D = inputs()
+    with pytest.raises(ArgumentError, match="dt="):
+        ssd_naive(x, dt[:, :-1], A, B, C, D)
+    with pytest.raises(ArgumentError, match="groups"):
+        ssd_chunked(x, dt, A, B[:, :, :1].expand(-1, -1, 3, -1), C, D)
+    with pytest.raises(ArgumentError, match="chunk_size"):
+        ssd_chunked(x, dt, A, B, C, D, chunk_size=0)
