@@ -468,7 +468,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'smollm.lora.same_base': ('lora.html#same_base', 'smollm/lora.py'),
                              'smollm.lora.settings': ('lora.html#settings', 'smollm/lora.py')},
             'smollm.mixers': { 'smollm.mixers.Mixer': ('mixers.html#mixer', 'smollm/mixers.py'),
-                               'smollm.mixers.Mixer.check_doc': ('mixers.html#mixer.check_doc', 'smollm/mixers.py'),
                                'smollm.mixers.Mixer.check_positional': ('mixers.html#mixer.check_positional', 'smollm/mixers.py'),
                                'smollm.mixers.Mixer.forward': ('mixers.html#mixer.forward', 'smollm/mixers.py'),
                                'smollm.mixers.Mixer.new_cache': ('mixers.html#mixer.new_cache', 'smollm/mixers.py'),

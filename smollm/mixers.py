@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .attention import CAPABILITIES
+from .attention import CAPABILITIES, SelfAttention
 from .errors import ArgumentError, check
 
 # %% auto #0
@@ -82,12 +82,7 @@ class Mixer(nn.Module):
         "None when this mixer applies `option` (a key of attention's CAPABILITIES), else a sentence saying it cannot."
         return None if option in self.supports else f"the mixer {type(self).__name__} cannot apply {CAPABILITIES[option]}"
 
-    @staticmethod
-    def check_doc(doc: torch.Tensor | None, cache) -> None:
-        "Refuse document indices `doc` (a packed row) together with a decoding `cache`."
-        if doc is not None and cache is not None:
-            raise ArgumentError("doc", f"a tensor of shape {tuple(doc.shape)}", "None when decoding with a cache: "
-                                "packed rows (doc) are for training and scoring; decode one sequence per row")
+    check_doc = staticmethod(SelfAttention.check_doc)   # attention's rule: packed rows (doc) are not decoded
 
     @staticmethod
     def new_tokens(key_mask: torch.Tensor | None, cache: RecurrentState | None, T: int) -> torch.Tensor | None:
