@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .attention import CAPABILITIES, SelfAttention
-from .errors import ArgumentError, check
+from .errors import check
 
 # %% auto #0
 __all__ = ['RecurrentState', 'Mixer', 'short_conv_ref', 'short_conv', 'short_conv_step', 'ShortConv']
