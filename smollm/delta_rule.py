@@ -11,34 +11,41 @@ from .errors import check
 __all__ = ['gated_delta_rule_naive', 'gated_delta_rule_step', 'gated_delta_rule_chunked']
 
 # %% ../nbs/07a_delta_rule.ipynb #212febb7
-def _check_inputs(q, k, v, g, beta, initial_state):
-    "Refuse shapes that do not fit `q, k (B, H, T, d_k)`, `v (B, H, T, d_v)`, `g, beta (B, H, T)`."
+def _check_inputs(q, k, v, g, beta, initial_state, doc=None):
+    "Refuse shapes that do not fit `q, k (B, H, T, d_k)`, `v (B, H, T, d_v)`, `g, beta (B, H, T)`, `doc (B, T)`."
     check(q.dim() == 4, "q.shape", tuple(q.shape), "(B, H, T, d_k)")
     check(k.shape == q.shape, "k.shape", tuple(k.shape), f"q's shape {tuple(q.shape)}")
     check(v.dim() == 4 and v.shape[:3] == q.shape[:3], "v.shape", tuple(v.shape), f"{tuple(q.shape[:3])} + (d_v,)")
     for name, x in (("g", g), ("beta", beta)):
         check(x.shape == q.shape[:3], f"{name}.shape", tuple(x.shape), f"(B, H, T) = {tuple(q.shape[:3])}")
-    B, H, _, dk = q.shape
+    B, H, T, dk = q.shape
     if initial_state is not None:
         want = (B, H, dk, v.shape[-1])
         check(tuple(initial_state.shape) == want, "initial_state.shape", tuple(initial_state.shape), f"(B, H, d_k, d_v) = {want}")
+    if doc is not None:
+        check(tuple(doc.shape) == (B, T), "doc.shape", tuple(doc.shape), f"(B, T) = {(B, T)}")
 
 def _zero_state(q, v):
     return q.new_zeros(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], dtype=v.dtype)
 
 # %% ../nbs/07a_delta_rule.ipynb #ed34403d
 def gated_delta_rule_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                           scale: float | None = None, initial_state: torch.Tensor | None = None):
+                           scale: float | None = None, initial_state: torch.Tensor | None = None,
+                           doc: torch.Tensor | None = None):
     """The gated delta rule token by token, exactly as the formula reads: the reference for the other forms.
     `q, k (B, H, T, d_k)`, `v (B, H, T, d_v)`, log-decay `g (B, H, T)` (`alpha = exp(g)`), `beta (B, H, T)`;
     `S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T`, `o_t = S_t^T (scale q_t)` with `scale`
-    defaulting to `d_k ** -0.5`. Returns `(o (B, H, T, d_v), final_state (B, H, d_k, d_v))`. O(T d_k^2 d_v)."""
-    _check_inputs(q, k, v, g, beta, initial_state)
+    defaulting to `d_k ** -0.5`. `doc (B, T)`: packed rows' document indices (nondecreasing): the state is zero
+    again where a document starts (`initial_state` belongs to each row's first document). Returns
+    `(o (B, H, T, d_v), final_state (B, H, d_k, d_v))`. O(T d_k^2 d_v)."""
+    _check_inputs(q, k, v, g, beta, initial_state, doc)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     S = _zero_state(q, v) if initial_state is None else initial_state.to(v.dtype)
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
     outs = []
     for t in range(q.shape[2]):
+        if doc is not None and t > 0:    # a new document forgets the last one
+            S = S * (doc[:, t] == doc[:, t - 1]).to(S.dtype)[:, None, None, None]
         k_t, v_t, b_t = k[:, :, t], v[:, :, t], beta[:, :, t, None, None]
         # the transition matrix is formed explicitly (d_k x d_k): slow, but it is the formula itself
         transition = g[:, :, t, None, None].exp() * (eye - b_t * k_t[..., :, None] * k_t[..., None, :])
@@ -64,12 +71,14 @@ def gated_delta_rule_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: 
 
 # %% ../nbs/07a_delta_rule.ipynb #89256279
 def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                             chunk_size: int = 64, scale: float | None = None, initial_state: torch.Tensor | None = None):
+                             chunk_size: int = 64, scale: float | None = None, initial_state: torch.Tensor | None = None,
+                             doc: torch.Tensor | None = None):
     """The gated delta rule over a whole sequence, `chunk_size` tokens at a time (the WY / UT-transform form); the
     same arguments and result as `gated_delta_rule_naive`: `(o (B, H, T, d_v), final_state (B, H, d_k, d_v))`.
-    Any `T` works: the last chunk is padded with tokens that leave the state unchanged."""
+    Any `T` works: the last chunk is padded with tokens that leave the state unchanged. `doc (B, T)`: documents
+    that do not see each other (masks inside the chunk, exact, not a decay towards zero)."""
     check(isinstance(chunk_size, int) and chunk_size >= 1, "chunk_size", chunk_size, "an integer >= 1")
-    _check_inputs(q, k, v, g, beta, initial_state)
+    _check_inputs(q, k, v, g, beta, initial_state, doc)
     B, H, T, dk = q.shape
     dv, C = v.shape[-1], chunk_size
     scale = dk ** -0.5 if scale is None else scale
@@ -77,21 +86,33 @@ def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if pad:
         q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         g, beta = (torch.nn.functional.pad(x, (0, pad)) for x in (g, beta))
+        doc = None if doc is None else torch.cat([doc, doc[:, -1:].expand(B, pad)], 1)   # padding joins the last
     n = (T + pad) // C
     q, k, v = (x.reshape(B, H, n, C, x.shape[-1]) for x in (q * scale, k, v))
     g, beta = g.reshape(B, H, n, C), beta.reshape(B, H, n, C)
     gamma = g.cumsum(-1)                                        # log-decay from the chunk's start to each token
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    # D_ij = exp(gamma_i - gamma_j) for i >= j; the upper triangle is masked *before* exp (it could overflow)
-    D = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    visible = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()      # causal: i >= j
+    enter = leave = carry = None
+    if doc is not None:
+        d = doc.reshape(B, 1, n, C)
+        # the document the entering state belongs to: the previous chunk's last (a row's first for chunk 0)
+        prev = torch.cat([d[:, :, :1, 0], d[:, :, :-1, -1]], -1)[..., None]   # (B, 1, n, 1)
+        visible = visible & (d[..., :, None] == d[..., None, :])
+        enter, leave, carry = (d == prev), (d == d[..., -1:]), (d[..., -1] == prev[..., 0])
+    # D_ij = exp(gamma_i - gamma_j) where j is visible from i; the rest is masked *before* exp (it could overflow)
+    D = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~visible, float("-inf")).exp()
+    decay_in, decay_out = gamma.exp(), (gamma[..., -1:] - gamma).exp()   # chunk start -> token, token -> chunk end
+    chunk_decay = gamma[..., -1].exp()
+    if doc is not None:        # tokens of a new document neither read the entering state nor reach the leaving one
+        decay_in, decay_out, chunk_decay = decay_in * enter, decay_out * leave, chunk_decay * carry
     k_beta = k * beta[..., None]
     A = torch.eye(C, dtype=k.dtype, device=k.device) + ((k_beta @ k.transpose(-1, -2)) * D).tril(-1)
     U = torch.linalg.solve_triangular(A, v * beta[..., None], upper=False, unitriangular=True)
-    W = torch.linalg.solve_triangular(A, k_beta * gamma.exp()[..., None], upper=False, unitriangular=True)
+    W = torch.linalg.solve_triangular(A, k_beta * decay_in[..., None], upper=False, unitriangular=True)
     attn = (q @ k.transpose(-1, -2)) * D                        # within-chunk scores, decayed and causal
-    q_in = q * gamma.exp()[..., None]                           # queries reading the entering state
-    k_out = k * (gamma[..., -1:] - gamma).exp()[..., None]      # keys as they stand at the chunk's end
-    chunk_decay = gamma[..., -1].exp()[..., None, None]
+    q_in = q * decay_in[..., None]                              # queries reading the entering state
+    k_out = k * decay_out[..., None]                            # keys as they stand at the chunk's end
+    chunk_decay = chunk_decay[..., None, None]
     S = _zero_state(q[:, :, 0], v[:, :, 0]) if initial_state is None else initial_state.to(v.dtype)
     outs = []
     for i in range(n):

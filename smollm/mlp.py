@@ -11,14 +11,16 @@ from .errors import check
 from .kernels import swiglu
 
 # %% auto #0
-__all__ = ['SIZING_RULES', 'MLP', 'GatedMLP', 'SwiGLU', 'GeGLU', 'PlainMLP', 'GELUMLP', 'ReLU2', 'hidden_size']
+__all__ = ['SIZING_RULES', 'MLP', 'GatedMLP', 'SwiGLU', 'GeGLU', 'PlainMLP', 'GELUMLP', 'ReLU2', 'hidden_size', 'NoMLP']
 
 # %% ../nbs/04_mlp.ipynb #7e5b899b
 class MLP(nn.Module):
     """Base of the MLPs: built as `cls(dim, hidden, ...)`, maps x (..., dim) -> (..., dim).
-    `gated`: True for a GLU (three matrices), False for a plain MLP (two)."""
+    `gated`: True for a GLU (three matrices), False for a plain MLP (two). `empty`: True for `NoMLP`, the
+    absent MLP, which a `Block` leaves out together with its norm."""
     family = "mlp"
     gated: bool
+    empty = False
 
 # %% ../nbs/04_mlp.ipynb #0be739c5
 class GatedMLP(MLP):
@@ -89,3 +91,14 @@ def hidden_size(cls: type, dim: int, hidden: int | None = None, rule: str = "mat
     if cls.gated or rule == "fixed":
         return glu_hidden
     return glu_hidden * 3 // 2
+
+# %% ../nbs/04_mlp.ipynb #4ed12937
+class NoMLP(MLP):
+    "The absent MLP (`model/mlp=none`): built as `NoMLP(dim, hidden)` like the others, no parameters; blocks skip it."
+    gated, empty = False, True
+
+    def __init__(self, dim: int, hidden: int | None = None, bias: bool = False):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("NoMLP is the absent MLP: a Block leaves it out (it is `empty`) and never calls it")

@@ -23,7 +23,8 @@ PLACEMENTS = ("pre", "post", "sandwich")
 class Block(nn.Module):
     """One transformer layer: attention and MLP, each with a residual connection and norms placed by `placement`
     ('pre', 'post' or 'sandwich'). `parallel=True` adds attention and MLP of one normed input (pre only).
-    `norm` makes one norm per call; the block calls it once for each norm its placement needs."""
+    `norm` makes one norm per call; the block calls it once for each norm its placement needs. An `empty` MLP
+    (smollm.mlp.NoMLP) is left out with its norms: the layer is attention (or a mixer) alone, as in Mamba2."""
     def __init__(self, attention: nn.Module, mlp: nn.Module, norm: Callable[[], nn.Module],
                  placement: str = "pre", parallel: bool = False):
         super().__init__()
@@ -32,10 +33,11 @@ class Block(nn.Module):
               f"False with placement={placement!r} (a parallel block is pre-norm, with one norm)")
         self.placement, self.parallel = placement, parallel
         self.attn, self.mlp = attention, mlp
+        self.has_mlp = not getattr(mlp, "empty", False)
         self.attn_norm = norm()
-        self.mlp_norm = None if parallel else norm()
+        self.mlp_norm = norm() if self.has_mlp and not parallel else None
         if placement == "sandwich":
-            self.attn_post_norm, self.mlp_post_norm = norm(), norm()
+            self.attn_post_norm, self.mlp_post_norm = norm(), (norm() if self.has_mlp else None)
 
     def forward(self, x, positional, pos, cache=None, key_mask=None, doc=None):
         "x (B, T, dim) -> (B, T, dim); `positional`, `pos`, `cache`, `key_mask` and `doc` go to the attention layer."
@@ -43,14 +45,19 @@ class Block(nn.Module):
         attn = lambda h: self.attn(h, positional, pos, cache, key_mask=key_mask, **packed)
         if self.parallel:
             h = self.attn_norm(x)
-            return x + attn(h) + self.mlp(h)
+            return x + attn(h) + self.mlp(h) if self.has_mlp else x + attn(h)
         if self.placement == "pre":
             x = x + attn(self.attn_norm(x))
+        elif self.placement == "post":
+            x = self.attn_norm(x + attn(x))
+        else:
+            x = x + self.attn_post_norm(attn(self.attn_norm(x)))
+        if not self.has_mlp:
+            return x
+        if self.placement == "pre":
             return x + self.mlp(self.mlp_norm(x))
         if self.placement == "post":
-            x = self.attn_norm(x + attn(x))
             return self.mlp_norm(x + self.mlp(x))
-        x = x + self.attn_post_norm(attn(self.attn_norm(x)))
         return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x)))
 
 # %% ../nbs/05_model.ipynb #99e62a0e

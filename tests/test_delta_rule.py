@@ -7,6 +7,8 @@ initial state. Special cases are checked against plain math (beta = 0: the state
 orthonormal keys: exact key-value recall, and a rewrite replaces the old value). transformers' torch fallbacks
 are the independent reference; the last test perturbs the decay and requires that comparison to fail.
 """
+import inspect
+
 import pytest
 import torch
 
@@ -163,7 +165,8 @@ def _hf(fn_name, xs, s0, chunk_size=None):
     """transformers' torch fallback on the same inputs: (B, T, H, d) layout, q and k L2-normalised inside
     (`use_qk_l2norm_in_kernel=True`), the query scaled by d_k^-0.5, state (B, H, d_k, d_v), fp32."""
     qn = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
-    fn = getattr(qn, fn_name)
+    # with flash-linear-attention installed, transformers dispatches to its Triton kernels: unwrap to the torch path
+    fn = inspect.unwrap(getattr(qn, fn_name))
     tr = lambda x: x.transpose(1, 2)
     kw = {} if chunk_size is None else {"chunk_size": chunk_size}
     o, S = fn(*(tr(x) for x in xs), initial_state=s0, output_final_state=True, use_qk_l2norm_in_kernel=True, **kw)
@@ -204,3 +207,41 @@ def test_transformers_comparison_can_fail():
     o, S = gated_delta_rule_chunked(_l2norm(q), _l2norm(k), v, g - 1e-2, beta, chunk_size=4, initial_state=s0)
     with pytest.raises(AssertionError):
         close(o, o_hf, 1e-5)
+
+
+# --- packed documents: the state starts again from zero at each document ------------------------------------------
+
+DOCS = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 2, 3, 3, 3, 3], [0] * 4 + [1] * 9])   # boundaries inside and at chunks
+
+
+def test_naive_with_documents_is_each_document_alone():
+    xs, s0 = inputs(T=13)
+    o, S = gated_delta_rule_naive(*xs, initial_state=s0, doc=DOCS)
+    for b in range(2):
+        starts = [0] + [t for t in range(1, 13) if DOCS[b, t] != DOCS[b, t - 1]] + [13]
+        for i, (s, e) in enumerate(zip(starts, starts[1:])):
+            part = [x[b:b + 1, :, s:e] for x in xs]
+            o_d, S_d = gated_delta_rule_naive(*part, initial_state=s0[b:b + 1] if i == 0 else None)
+            close(o[b:b + 1, :, s:e], o_d, 1e-12)
+        close(S[b:b + 1], S_d, 1e-12)                              # the final state is the last document's
+
+
+@pytest.mark.parametrize("C", [1, 3, 4, 16])
+def test_chunked_with_documents_equals_naive_forward_and_backward(C):
+    xs, s0 = inputs(T=13)
+    chunked = lambda *a, **kw: gated_delta_rule_chunked(*a, chunk_size=C, doc=DOCS, **kw)
+    naive = lambda *a, **kw: gated_delta_rule_naive(*a, doc=DOCS, **kw)
+    o, S = naive(*xs, initial_state=s0)
+    o_c, S_c = chunked(*xs, initial_state=s0)
+    close(o_c, o, 1e-12); close(S_c, S, 1e-12)
+    for name, a, b in zip(["q", "k", "v", "g", "beta", "initial_state"], _grads(chunked, xs, s0), _grads(naive, xs, s0)):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), name
+
+
+def test_documents_are_checked_and_change_the_result():
+    xs, s0 = inputs(T=13)
+    with pytest.raises(ArgumentError, match="doc.shape"):
+        gated_delta_rule_chunked(*xs, doc=DOCS[:, :5])
+    one = torch.zeros_like(DOCS)          # a single document: the same as no doc at all, and unlike DOCS
+    close(gated_delta_rule_chunked(*xs, chunk_size=4, doc=one)[0], gated_delta_rule_naive(*xs)[0], 1e-12)
+    assert (gated_delta_rule_chunked(*xs, chunk_size=4, doc=DOCS)[0] - gated_delta_rule_naive(*xs)[0]).abs().max() > 1e-3

@@ -69,6 +69,30 @@ def test_placements_differ():
             assert (outs[i] - outs[j]).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("placement,parallel,formula", [
+    ("pre", False, lambda b, x: x + A(b.attn_norm(x))),
+    ("post", False, lambda b, x: b.attn_norm(x + A(x))),
+    ("sandwich", False, lambda b, x: x + b.attn_post_norm(A(b.attn_norm(x)))),
+    ("pre", True, lambda b, x: x + A(b.attn_norm(x))),
+])
+def test_block_without_mlp(placement, parallel, formula):
+    # model/mlp=none: the attention half of each placement, and only its norms
+    from smollm.mlp import NoMLP
+    b = Block(Attn(), NoMLP(8), Affine, placement, parallel)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    torch.testing.assert_close(b(x, None, torch.arange(5)), formula(b, x))
+    assert len([m for m in b.modules() if isinstance(m, Affine)]) == (2 if placement == "sandwich" else 1)
+
+
+def test_model_without_mlp_counts_no_mlp_parameters():
+    cfg = ["model=tiny", "data.vocab_size=128"]
+    base, none = (build_model(compose(cfg + extra).model) for extra in ([], ["model/mlp=none"]))
+    counts, base_counts = none.param_counts(), base.param_counts()
+    assert "mlp" not in counts and counts["attention"] == base_counts["attention"]
+    assert base_counts["norm"] - counts["norm"] == 2 * 64              # one norm of width dim fewer per layer
+    assert none.num_params() == base.num_params() - base_counts["mlp"] - 2 * 64
+
+
 # --------------------------------------------------------------------------------------------------- init
 
 @pytest.mark.parametrize("attention", ["gqa", "mla"])
