@@ -4,15 +4,19 @@
 
 # %% ../nbs/07b_ssd.ipynb #7f48dbed
 from __future__ import annotations
+import importlib.util, math
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from .errors import check
+from .mixers import Mixer, RecurrentState, short_conv, short_conv_step
 
 # %% auto #0
-__all__ = ['ssd_check', 'heads_of_groups', 'ssd_naive', 'ssd_step', 'segsum', 'ssd_chunked']
+__all__ = ['ssd_check', 'heads_of_groups', 'ssd_naive', 'ssd_step', 'segsum', 'doc_starts_upto', 'ssd_chunked', 'fla_available',
+           'ssd_fla', 'ssd_auto', 'time_steps', 'GatedRMSNorm', 'dt_bias_init', 'Mamba2']
 
 # %% ../nbs/07b_ssd.ipynb #b7214b9c
-def ssd_check(x, dt, A, B, C, D=None):
+def ssd_check(x, dt, A, B, C, D=None, doc=None):
     "Check the shapes of an SSD call and return `(batch, T, H, P, G, N)`; raise `ArgumentError` naming the first mismatch."
     check(x.dim() == 4, "x", tuple(x.shape), "a tensor (batch, T, heads, head_dim)")
     b, t, h, p = x.shape
@@ -23,6 +27,8 @@ def ssd_check(x, dt, A, B, C, D=None):
     check(h % g == 0, "B", tuple(B.shape), f"a number of groups that divides heads={h}")
     check(tuple(C.shape) == tuple(B.shape), "C", tuple(C.shape), f"the shape of B, {tuple(B.shape)}")
     check(D is None or tuple(D.shape) == (h,), "D", None if D is None else tuple(D.shape), f"None or shape (heads,) = {(h,)}")
+    check(doc is None or tuple(doc.shape) == (b, t), "doc", None if doc is None else tuple(doc.shape),
+          f"None or document indices of shape (batch, T) = {(b, t)}")
     return b, t, h, p, g, n
 
 # %% ../nbs/07b_ssd.ipynb #cb08f892
@@ -31,16 +37,19 @@ def heads_of_groups(B, heads: int):
     return B.repeat_interleave(heads // B.shape[-2], dim=-2)
 
 # %% ../nbs/07b_ssd.ipynb #fa6ea110
-def ssd_naive(x, dt, A, B, C, D=None, initial_state=None):
+def ssd_naive(x, dt, A, B, C, D=None, initial_state=None, doc=None):
     """The SSD recurrence one token at a time, the reference for the other forms.
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t + D x_t.
     x (b, T, H, P); dt (b, T, H), > 0; A (H,), < 0; B, C (b, T, G, N); D (H,) or None;
-    initial_state (b, H, P, N) or None (zeros). Returns y (b, T, H, P) and the final state (b, H, P, N)."""
-    b, t, h, p, g, n = ssd_check(x, dt, A, B, C, D)
+    initial_state (b, H, P, N) or None (zeros); doc (b, T) or None: packed documents, the state is zeroed where
+    doc changes (the first document continues initial_state). Returns y (b, T, H, P) and the final state (b, H, P, N)."""
+    b, t, h, p, g, n = ssd_check(x, dt, A, B, C, D, doc)
     B, C = heads_of_groups(B, h), heads_of_groups(C, h)
     state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state
     ys = []
     for i in range(t):
+        if doc is not None and i > 0:
+            state = state * (doc[:, i] == doc[:, i - 1]).to(state.dtype)[:, None, None, None]   # a new document
         decay = torch.exp(dt[:, i] * A)                                     # (b, H)
         inp = (dt[:, i, :, None] * x[:, i])[..., None] * B[:, i, :, None, :]  # (b, H, P, N)
         state = decay[..., None, None] * state + inp
@@ -76,29 +85,197 @@ def _chunks(t, chunk_size: int):
     t = F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad))
     return t.reshape(t.shape[0], -1, chunk_size, *t.shape[2:])
 
+# %% ../nbs/07b_ssd.ipynb #cb442a7b
+def doc_starts_upto(doc):
+    "`doc (b, T)` document indices -> `(b, T)` long: how many documents start in the row after its first, up to each token."
+    return F.pad((doc[:, 1:] != doc[:, :-1]).long().cumsum(1), (1, 0))
+
 # %% ../nbs/07b_ssd.ipynb #a256859a
-def ssd_chunked(x, dt, A, B, C, D=None, chunk_size: int = 64, initial_state=None):
+def ssd_chunked(x, dt, A, B, C, D=None, chunk_size: int = 64, initial_state=None, doc=None):
     """SSD in chunks: within a chunk the quadratic (attention-like) form with the decay mask exp(segsum(dt*A)),
     between chunks the recurrence on the states at chunk boundaries. Same arguments and returns as `ssd_naive`;
     any T (the tail is padded with dt = 0, which neither decays nor adds to the state)."""
-    b, t, h, p, g, n = ssd_check(x, dt, A, B, C, D)
+    b, t, h, p, g, n = ssd_check(x, dt, A, B, C, D, doc)
     check(isinstance(chunk_size, int) and chunk_size >= 1, "chunk_size", chunk_size, "an int >= 1")
     B, C = heads_of_groups(B, h), heads_of_groups(C, h)
     xs, Bs, Cs = _chunks(x * dt[..., None], chunk_size), _chunks(B, chunk_size), _chunks(C, chunk_size)
     a = _chunks(dt * A, chunk_size).permute(0, 3, 1, 2)                     # (b, H, c, l)
     acum = a.cumsum(-1)
+    mask, to_end, from_start, carry = torch.exp(segsum(a)), torch.exp(acum[..., -1:] - acum), torch.exp(acum), torch.exp(acum[..., -1])
+    if doc is not None:   # zero what crosses a document start (r: document starts so far; the tail repeats the last)
+        r = doc_starts_upto(doc)
+        r = torch.cat([r, r[:, -1:].expand(-1, -t % chunk_size)], 1).reshape(b, -1, chunk_size)   # (b, c, l)
+        before = F.pad(r[:, :-1, -1], (1, 0))                              # (b, c): r just before each chunk
+        mask = mask * (r[..., :, None] == r[..., None, :])[:, None]
+        to_end = to_end * (r == r[..., -1:])[:, None]
+        from_start = from_start * (r == before[..., None])[:, None]
+        carry = carry * (r[..., -1] == before)[:, None]
     # within chunks: y_l = sum_{s<=l} (C_l . B_s) exp(a_{s+1}+..+a_l) dt_s x_s
-    mask = torch.exp(segsum(a))                                             # (b, H, c, l, s)
     y = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Cs, Bs, mask, xs)
     # each chunk's own contribution to the state at its end
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bs, torch.exp(acum[..., -1:] - acum), xs)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bs, to_end, xs)
     # pass states between chunks: starts[c] is the state before chunk c
     state = x.new_zeros(b, h, p, n) if initial_state is None else initial_state
     starts = []
     for c in range(states.shape[1]):
         starts.append(state)
-        state = torch.exp(acum[:, :, c, -1])[..., None, None] * state + states[:, c]
+        state = carry[:, :, c, None, None] * state + states[:, c]
     starts = torch.stack(starts, 1)                                          # (b, c, H, P, N)
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cs, starts, torch.exp(acum))
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", Cs, starts, from_start)
     y = y.reshape(b, -1, h, p)[:, :t]
     return (y if D is None else y + D[:, None] * x), state
+
+# %% ../nbs/07b_ssd.ipynb #ea538523
+def _chunk_simple_gla():
+    "fla's chunk_simple_gla, or an ImportError that names the extra to install."
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        raise ImportError("SSD on flash-linear-attention's kernels needs the fla extra: pip install 'smollm[fla]'") from None
+    return chunk_simple_gla
+
+def fla_available() -> bool:
+    "Is flash-linear-attention (the extra `fla`) importable here?"
+    return importlib.util.find_spec("fla") is not None
+
+def ssd_fla(x, dt, A, B, C, D=None, initial_state=None, doc=None):
+    """`ssd_chunked` by flash-linear-attention's chunked simple-GLA kernel (CUDA tensors): q = C, k = B (heads of
+    their groups), v = dt x, g = dt A, scale 1, state (b, H, P, N) in fla's value-first layout. Same arguments and
+    returns as `ssd_naive`; doc (b, T) runs each document as its own sequence (fla's cu_seqlens)."""
+    b, t, h, p, g, n = ssd_check(x, dt, A, B, C, D, doc)
+    gla = _chunk_simple_gla()
+    q, k, v, gl = heads_of_groups(C, h), heads_of_groups(B, h), x * dt[..., None], dt * A
+    if doc is None:
+        y, state = gla(q.contiguous(), k.contiguous(), v.contiguous(), g=gl.contiguous(), scale=1.0,
+                       initial_state=initial_state, output_final_state=True, state_v_first=True)
+    else:   # one sequence per document: a new one at each row's start and wherever doc changes
+        new = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0), value=True)           # (b, t)
+        per_row = new.sum(1)
+        cu = F.pad(new.flatten().nonzero()[:, 0], (0, 1), value=b * t)
+        first, last = per_row.cumsum(0) - per_row, per_row.cumsum(0) - 1      # each row's first and last document
+        h0 = None
+        if initial_state is not None:
+            h0 = initial_state.new_zeros(len(cu) - 1, h, p, n).index_copy(0, first, initial_state)
+        flat = lambda u: u.reshape(1, b * t, *u.shape[2:]).contiguous()
+        y, states = gla(flat(q), flat(k), flat(v), g=flat(gl), scale=1.0, initial_state=h0, output_final_state=True,
+                        state_v_first=True, cu_seqlens=cu, cu_seqlens_cpu=cu.cpu())
+        y, state = y.view(b, t, h, p), states[last]
+    return (y if D is None else y + D[:, None] * x), state
+
+# %% ../nbs/07b_ssd.ipynb #afa509dc
+def ssd_auto(x, dt, A, B, C, D=None, state=None, doc=None, chunk_size: int = 64, impl: str = "auto"):
+    """SSD in the form that suits the call, on x (b, T, H, P), dt (b, T, H), A (H,), B, C (b, T, G, N), D (H,),
+    state (b, H, P, N) or None, doc (b, T) or None: `ssd_step` for one decoding token (a state and T = 1);
+    `ssd_fla` on CUDA tensors unless impl='torch' (when the extra fla is installed; impl='triton' requires it);
+    `ssd_chunked` otherwise. Computed in at least float32; returns (y in x's dtype, the state)."""
+    ct = torch.promote_types(x.dtype, torch.float32)
+    xs, dt, A, B, C = x.to(ct), dt.to(ct), A.to(ct), B.to(ct), C.to(ct)
+    D = None if D is None else D.to(ct)
+    if state is not None and x.shape[1] == 1:
+        y, state = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, state)
+        return y[:, None].to(x.dtype), state
+    if x.is_cuda and impl != "torch" and (impl == "triton" or fla_available()):
+        y, state = ssd_fla(xs, dt, A, B, C, D, initial_state=state, doc=doc)
+    else:
+        y, state = ssd_chunked(xs, dt, A, B, C, D, chunk_size=chunk_size, initial_state=state, doc=doc)
+    return y.to(x.dtype), state
+
+# %% ../nbs/07b_ssd.ipynb #318a4a19
+def time_steps(dt: torch.Tensor, dt_bias: torch.Tensor, limit=(0.0, float("inf")), keep: torch.Tensor | None = None):
+    """Mamba2's step sizes: dt (b, T, H) from the input projection -> clamp(softplus(dt + dt_bias), *limit), in at
+    least float32; 0 where keep (b, T) is False, so that a padding token neither decays the state nor adds to it."""
+    ct = torch.promote_types(dt.dtype, torch.float32)
+    dt = F.softplus(dt.to(ct) + dt_bias.to(ct)).clamp(*limit)
+    return dt if keep is None else dt * keep[..., None].to(ct)
+
+# %% ../nbs/07b_ssd.ipynb #50d31b22
+class GatedRMSNorm(nn.Module):
+    """Mamba2's output norm: weight * RMSNorm(y * silu(z)), the mean square taken over each group of `group_size`
+    channels. The gate comes before the norm (transformers' MambaRMSNormGated; mamba_ssm's norm_before_gate=False).
+    y, z (..., dim) -> (..., dim), computed in at least float32 and returned in y's dtype."""
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5):
+        super().__init__()
+        check(isinstance(group_size, int) and group_size >= 1 and dim % group_size == 0, "group_size", group_size,
+              f"a divisor of dim={dim}")
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        ct = torch.promote_types(y.dtype, torch.float32)
+        h = (y.to(ct) * F.silu(z.to(ct))).unflatten(-1, (-1, self.group_size))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.flatten(-2).to(y.dtype)
+
+# %% ../nbs/07b_ssd.ipynb #e4f3e542
+def dt_bias_init(n_heads: int, dt_min: float = 0.001, dt_max: float = 0.1, dt_floor: float = 1e-4) -> torch.Tensor:
+    """Mamba's dt_bias at initialisation (n_heads,): softplus(dt_bias) is log-uniform in [dt_min, dt_max] (at least
+    dt_floor), so that heads start at time scales from 1/dt_max to 1/dt_min tokens."""
+    dt = torch.exp(torch.rand(n_heads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_floor)
+    return dt + torch.log(-torch.expm1(-dt))        # the inverse of softplus
+
+# %% ../nbs/07b_ssd.ipynb #e3a7395d
+class Mamba2(Mixer):
+    """Mamba2's mixer (Dao & Gu 2024) as transformers' Mamba2Mixer computes it. Heads H = expand * dim / head_dim
+    of width P = head_dim; n_groups groups of B, C of width N = d_state; a causal depthwise convolution over
+    conv_kernel tokens; SSD in chunks of chunk_size (flash-linear-attention's kernel on CUDA when `impl` is not
+    'torch' and the extra `fla` is installed), one step per token when decoding. `bias`: biases on both projections;
+    `conv_bias`: on the convolution. dt = clamp(softplus(dt + dt_bias), *dt_limit); dt_min, dt_max, dt_floor set
+    dt_bias at init. Parameters, named as transformers' (its state dict loads as is): in_proj.weight
+    (d_inner + conv_dim + H, dim) with rows [z | x B C | dt], conv1d.weight (conv_dim, 1, conv_kernel), conv1d.bias,
+    dt_bias (H,), A_log (H,), D (H,), norm.weight (d_inner,), out_proj.weight (dim, d_inner); d_inner = expand * dim,
+    conv_dim = d_inner + 2 * n_groups * d_state. The decoding state: 'conv' (b, conv_kernel - 1, conv_dim) and
+    'ssm' (b, H, P, N), in at least float32."""
+    def __init__(self, dim: int, d_state: int = 128, head_dim: int = 64, expand: int = 2, n_groups: int = 1,
+                 conv_kernel: int = 4, chunk_size: int = 256, bias: bool = False, conv_bias: bool = True,
+                 norm_eps: float = 1e-5, dt_min: float = 0.001, dt_max: float = 0.1, dt_floor: float = 1e-4,
+                 dt_limit: tuple[float, float] = (0.0, float("inf"))):
+        super().__init__()
+        for name, v in (("d_state", d_state), ("head_dim", head_dim), ("expand", expand), ("n_groups", n_groups),
+                        ("chunk_size", chunk_size)):
+            check(isinstance(v, int) and v >= 1, name, v, "a positive integer")
+        check(isinstance(conv_kernel, int) and conv_kernel >= 2, "conv_kernel", conv_kernel,
+              "an integer >= 2 (the tokens each convolution output sees, itself included)")
+        d_inner = expand * dim
+        check(d_inner % head_dim == 0, "head_dim", head_dim, f"a divisor of expand * dim = {d_inner}")
+        H = d_inner // head_dim
+        check(H % n_groups == 0, "n_groups", n_groups, f"a divisor of the number of heads, {H}")
+        self.dim, self.d_inner, self.n_heads, self.head_dim = dim, d_inner, H, head_dim
+        self.d_state, self.n_groups, self.conv_kernel, self.chunk_size = d_state, n_groups, conv_kernel, chunk_size
+        self.conv_dim, self.dt_limit = d_inner + 2 * n_groups * d_state, tuple(dt_limit)
+        self.in_proj = nn.Linear(dim, d_inner + self.conv_dim + H, bias=bias)
+        # a Conv1d for its parameters' names and shapes; short_conv / short_conv_step apply them causally
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_kernel, groups=self.conv_dim, bias=conv_bias)
+        if conv_bias:
+            nn.init.zeros_(self.conv1d.bias)
+        self.dt_bias = nn.Parameter(dt_bias_init(H, dt_min, dt_max, dt_floor))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, H + 1, dtype=torch.float32)))   # A = -1, ..., -H
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = GatedRMSNorm(d_inner, d_inner // n_groups, norm_eps)
+        self.out_proj = nn.Linear(d_inner, dim, bias=bias)
+        self.out_proj.residual_out = True   # scaled down at init by depth
+
+    def forward(self, x: torch.Tensor, positional=None, pos=None, cache: RecurrentState | None = None,
+                key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
+        """x (b, T, dim) -> (b, T, dim). positional and pos are not read. key_mask (b, S): False at padding, which
+        leaves the state as it was (zero convolution input, dt = 0). doc (b, T): packed documents; neither the
+        convolution nor the SSD state crosses a document's start."""
+        self.check_doc(doc, cache)
+        (b, T, _), k = x.shape, self.conv_kernel
+        z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], -1)
+        if (keep := self.new_tokens(key_mask, cache, T)) is not None:
+            xBC = xBC * keep[..., None].to(xBC.dtype)
+        if cache is None:
+            xBC, state = short_conv(xBC, self.conv1d.weight, self.conv1d.bias, doc), None
+        else:
+            last = cache.get("conv", lambda: xBC.new_zeros(b, k - 1, self.conv_dim))
+            xBC, last = short_conv_step(xBC, last, self.conv1d.weight, self.conv1d.bias)
+            state = cache.get("ssm", lambda: x.new_zeros(b, self.n_heads, self.head_dim, self.d_state,
+                                                         dtype=torch.promote_types(x.dtype, torch.float32)))
+        (G, N), dt = (self.n_groups, self.d_state), time_steps(dt, self.dt_bias, self.dt_limit, keep)
+        u, B, C = F.silu(xBC).split([self.d_inner, G * N, G * N], -1)
+        y, state = ssd_auto(u.unflatten(-1, (self.n_heads, self.head_dim)), dt, -torch.exp(self.A_log),
+                            B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)), self.D, state, doc, self.chunk_size,
+                            self.impl)
+        if cache is not None:
+            cache.advance(T, conv=last, ssm=state)
+        return self.out_proj(self.norm(y.flatten(-2), z))

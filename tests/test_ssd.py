@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from smollm.errors import ArgumentError
-from smollm.ssd import heads_of_groups, ssd_chunked, ssd_naive, ssd_step
+from smollm.ssd import Mamba2, doc_starts_upto, heads_of_groups, ssd_chunked, ssd_naive, ssd_step
 
 hf = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
 
@@ -52,6 +52,39 @@ def test_step_equals_naive_forward_and_backward():
     close(y1, y0); close(state, s0)
     for a, b in zip(torch.autograd.grad(y1.sin().sum(), args), torch.autograd.grad(y0.sin().sum(), args)):
         close(a, b, 1e-4)
+
+
+DOCS = torch.tensor([[0] * 4 + [1] * 5 + [2] * 4, [0] * 12 + [1]])   # starts inside chunks, on a boundary, last token
+
+
+@pytest.mark.parametrize("L", [1, 3, 4, 16])
+def test_documents_chunked_equals_naive_forward_and_backward(L):
+    args = inputs(grad=True)
+    init = torch.randn(2, 4, 3, 5, requires_grad=True)
+    outs = []
+    for f in (lambda: ssd_naive(*args, initial_state=init, doc=DOCS),
+              lambda: ssd_chunked(*args, chunk_size=L, initial_state=init, doc=DOCS)):
+        y, s = f()
+        assert torch.isfinite(y).all()
+        loss = (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum() + (s ** 2).sum()
+        outs.append((y, s, torch.autograd.grad(loss, args + [init])))
+    (y0, s0, g0), (y1, s1, g1) = outs
+    close(y1, y0); close(s1, s0)
+    for a, b in zip(g1, g0):
+        close(a, b, 1e-4)
+
+
+def test_documents_run_as_if_alone():
+    x, dt, A, B, C, D = inputs()
+    init = torch.randn(2, 4, 3, 5)
+    y, s = ssd_naive(x, dt, A, B, C, D, initial_state=init, doc=DOCS)
+    for lo, hi in ((4, 9), (9, 13)):
+        alone, last = ssd_naive(x[:1, lo:hi], dt[:1, lo:hi], A, B[:1, lo:hi], C[:1, lo:hi], D)
+        close(y[:1, lo:hi], alone)
+    close(s[:1], last)
+    first, _ = ssd_naive(x[:, :4], dt[:, :4], A, B[:, :4], C[:, :4], D, initial_state=init)   # continues the state
+    close(y[:, :4], first)
+    assert doc_starts_upto(DOCS).tolist() == [[0] * 4 + [1] * 5 + [2] * 4, [0] * 12 + [1]]
 
 
 def test_split_sequence_carries_state():
@@ -135,6 +168,37 @@ def test_planted_bug_is_caught():
         close(_mixer_with(m, h, wrong), m(h))
 
 
+def _ours(**kw):
+    torch.manual_seed(0)
+    m = Mamba2(16, d_state=6, head_dim=8, expand=2, n_groups=2, chunk_size=4, **kw).double()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+def test_mamba2_static_state_decodes_in_place():
+    m = _ours()
+    x = torch.randn(2, 9, 16, dtype=torch.double)
+    mask = torch.ones(2, 16, dtype=torch.bool)
+    mask[0, :3] = False
+    full = m(x, key_mask=mask[:, :9])
+    state = m.new_cache(capacity=16)
+    outs = [m(x[:, :2], None, None, state, key_mask=mask), m(x[:, 2:4], None, None, state, key_mask=mask)]
+    ssm = state.tensors["ssm"]
+    outs += [m(x[:, t:t + 1], None, None, state, key_mask=mask) for t in range(4, 9)]
+    assert state.tensors["ssm"] is ssm and int(state.length) == 9        # written in place, one tensor throughout
+    y = torch.cat(outs, 1)
+    close(y[1], full[1], 1e-10); close(y[0, 3:], full[0, 3:], 1e-10)
+
+
+def test_mamba2_state_is_float32_for_bfloat16():
+    m = _ours().to(torch.bfloat16)
+    state = m.new_cache()
+    y = m(torch.randn(1, 5, 16, dtype=torch.bfloat16), None, None, state)
+    assert y.dtype == torch.bfloat16 and state.tensors["ssm"].dtype == torch.float32
+
+
 def test_argument_errors():
     x, dt, A, B, C, D = inputs()
     with pytest.raises(ArgumentError, match="dt="):
@@ -143,3 +207,11 @@ def test_argument_errors():
         ssd_chunked(x, dt, A, B[:, :, :1].expand(-1, -1, 3, -1), C, D)
     with pytest.raises(ArgumentError, match="chunk_size"):
         ssd_chunked(x, dt, A, B, C, D, chunk_size=0)
+    with pytest.raises(ArgumentError, match="doc="):
+        ssd_chunked(x, dt, A, B, C, D, doc=DOCS[:, :5])
+    with pytest.raises(ArgumentError, match="head_dim=5"):
+        Mamba2(16, head_dim=5)
+    with pytest.raises(ArgumentError, match="n_groups=3"):
+        Mamba2(16, head_dim=8, n_groups=3)
+    with pytest.raises(ArgumentError, match="conv_kernel=1"):
+        Mamba2(16, conv_kernel=1)
