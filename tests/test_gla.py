@@ -1,0 +1,254 @@
+"""Gated linear attention's three forms (smollm.gla) against each other and against flash-linear-attention's naive forms.
+
+S_t = diag(alpha_t) S_{t-1} + k_t v_t^T,  o_t = S_t^T (scale q_t),  alpha_t = exp(g_t), g (B, H, T, d_k) or
+(B, H, T, 1) (one decay per head: RetNet's retention, simple GLA), state (B, H, d_k, d_v). The token-by-token
+`gla_naive` is the reference, forward and (by autograd) backward; the chunked form (any chunk and sub-chunk size,
+any T, packed documents) and the decoding step must reproduce it. flash-linear-attention's naive_recurrent_gla,
+naive_recurrent_simple_gla and naive_retention (the optional extra `fla`; skipped without it) are the independent
+reference; a planted bug must break that comparison.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from smollm.errors import ArgumentError
+from smollm.gla import gla_chunked, gla_naive, gla_step
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+DOCS = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 2, 3, 3, 3, 3], [0] * 4 + [1] * 9])   # boundaries inside and at chunks
+
+
+def inputs(B=2, H=2, T=13, dk=8, dv=6, per_head=False, dtype=torch.float64, seed=0, state=True):
+    "Inputs in GLA's ranges (g = logsigmoid(.) <= 0, per key channel or one per head) and an initial state."
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    q, k, v = r(B, H, T, dk), r(B, H, T, dk), r(B, H, T, dv)
+    g = F.logsigmoid(2 * r(B, H, T, 1 if per_head else dk))
+    s0 = r(B, H, dk, dv) if state else None
+    cast = lambda x: None if x is None else x.to(dtype)
+    return [cast(x) for x in (q, k, v, g)], cast(s0)
+
+
+def step_loop(q, k, v, g, initial_state=None, scale=None):
+    "The decoding step run over a whole sequence."
+    S, outs = initial_state, []
+    for t in range(q.shape[2]):
+        o, S = gla_step(q[:, :, t], k[:, :, t], v[:, :, t], g[:, :, t], S, scale=scale)
+        outs.append(o)
+    return torch.stack(outs, 2), S
+
+
+def chunked(C, c=16, **fixed):
+    return lambda *a, **kw: gla_chunked(*a, chunk_size=C, sub_chunk_size=c, **fixed, **kw)
+
+
+def close(a, b, tol):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    err = (a - b).abs().max().item()
+    assert err <= tol * (1 + b.abs().max().item()), err
+
+
+def _grads(fn, xs, s0):
+    leaves = [x.detach().requires_grad_() for x in [*xs, s0]]
+    o, S = fn(*leaves[:4], initial_state=leaves[4])
+    gen = torch.Generator().manual_seed(1)
+    # random cotangents on both outputs, so that the final state's gradient path is tested too
+    loss = (o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() + \
+        (S * torch.randn(S.shape, generator=gen, dtype=S.dtype)).sum()
+    return torch.autograd.grad(loss, leaves)
+
+
+NAMES = ["q", "k", "v", "g", "initial_state"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("T,C,c", [(16, 1, 1), (16, 4, 2), (16, 16, 4), (13, 4, 4), (13, 16, 16), (37, 16, 8),
+                                   (5, 64, 16)])
+def test_chunked_equals_naive_forward(dtype, per_head, T, C, c):
+    xs, s0 = inputs(T=T, per_head=per_head, dtype=dtype)
+    o, S = gla_naive(*xs, initial_state=s0)
+    o_c, S_c = gla_chunked(*xs, chunk_size=C, sub_chunk_size=c, initial_state=s0)
+    close(o_c, o, TOL[dtype]); close(S_c, S, TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_step_equals_naive_forward(dtype, per_head):
+    xs, s0 = inputs(per_head=per_head, dtype=dtype)
+    o, S = gla_naive(*xs, initial_state=s0)
+    o_s, S_s = step_loop(*xs, initial_state=s0)
+    close(o_s, o, TOL[dtype]); close(S_s, S, TOL[dtype])
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("form", ["chunked1", "chunked4x2", "chunked16x4", "chunked16x16", "step"])
+def test_backward_equals_naive(form, per_head):
+    "Gradients of q, k, v, g and the initial state, T = 13 (not a multiple of 4 or 16), fp64."
+    xs, s0 = inputs(T=13, per_head=per_head)
+    if form == "step":
+        fn = step_loop
+    else:
+        C, _, c = form[7:].partition("x")
+        fn = chunked(int(C), int(c or C))
+    for name, a, b in zip(NAMES, _grads(fn, xs, s0), _grads(gla_naive, xs, s0)):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), name
+
+
+def test_chunked_gradcheck():
+    "Finite differences on the chunked form itself (fp64, tiny, two sub-chunks and two chunks), independent of naive."
+    xs, s0 = inputs(B=1, H=1, T=7, dk=3, dv=2)
+    leaves = [x.requires_grad_() for x in [*xs, s0]]
+    assert torch.autograd.gradcheck(lambda *a: gla_chunked(*a[:4], chunk_size=4, sub_chunk_size=2,
+                                                           initial_state=a[4]), leaves)
+
+
+@pytest.mark.parametrize("fn", ["naive", "chunked"])
+def test_initial_state_carries_a_split_sequence(fn):
+    f = gla_naive if fn == "naive" else chunked(4, 2)
+    xs, _ = inputs(T=19, state=False)
+    o, S = f(*xs)
+    first, second = [x[:, :, :7] for x in xs], [x[:, :, 7:] for x in xs]
+    o1, S1 = f(*first)
+    o2, S2 = f(*second, initial_state=S1)
+    close(torch.cat([o1, o2], 2), o, 1e-12); close(S2, S, 1e-12)
+    o3, S3 = step_loop(*second, initial_state=S1)        # and the decoding step continues a chunked prefix
+    close(o3, o2, 1e-12); close(S3, S, 1e-12)
+
+
+@pytest.mark.parametrize("fn", ["naive", "chunked", "step"])
+def test_no_decay_is_causal_linear_attention(fn):
+    "g = 0: o = tril(scale Q K^T) V and S = S_0 + K^T V, written out directly."
+    xs, s0 = inputs()
+    q, k, v, g = xs
+    run = {"naive": gla_naive, "chunked": chunked(4, 2), "step": step_loop}[fn]
+    o, S = run(q, k, v, torch.zeros_like(g), initial_state=s0)
+    scale = q.shape[-1] ** -0.5
+    close(o, ((q @ k.transpose(-1, -2)) * scale).tril() @ v + (q * scale) @ s0, 1e-12)
+    close(S, s0 + k.transpose(-1, -2) @ v, 1e-12)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_strong_decay_stays_finite(per_head):
+    "g = -60 per token in fp32: no exponent is positive, so the chunked form (and its gradient) must not overflow."
+    xs, s0 = inputs(T=32, per_head=per_head, dtype=torch.float32)
+    xs[3] = torch.full_like(xs[3], -60.0)
+    o, S = gla_naive(*xs, initial_state=s0)
+    leaves = [x.detach().requires_grad_() for x in xs]
+    o_c, S_c = gla_chunked(*leaves, chunk_size=16, sub_chunk_size=4, initial_state=s0)
+    assert torch.isfinite(o_c).all() and torch.isfinite(S_c).all()
+    close(o_c, o, 1e-5); close(S_c, S, 1e-5)
+    (o_c.sum() + S_c.sum()).backward()
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
+
+
+# --- packed documents: the state starts again from zero at each document ------------------------------------------
+
+def test_naive_with_documents_is_each_document_alone():
+    xs, s0 = inputs(T=13)
+    o, S = gla_naive(*xs, initial_state=s0, doc=DOCS)
+    for b in range(2):
+        starts = [0] + [t for t in range(1, 13) if DOCS[b, t] != DOCS[b, t - 1]] + [13]
+        for i, (s, e) in enumerate(zip(starts, starts[1:])):
+            part = [x[b:b + 1, :, s:e] for x in xs]
+            o_d, S_d = gla_naive(*part, initial_state=s0[b:b + 1] if i == 0 else None)
+            close(o[b:b + 1, :, s:e], o_d, 1e-12)
+        close(S[b:b + 1], S_d, 1e-12)                              # the final state is the last document's
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("C,c", [(1, 1), (3, 3), (4, 2), (16, 4)])
+def test_chunked_with_documents_equals_naive_forward_and_backward(C, c, per_head):
+    xs, s0 = inputs(T=13, per_head=per_head)
+    naive = lambda *a, **kw: gla_naive(*a, doc=DOCS, **kw)
+    o, S = naive(*xs, initial_state=s0)
+    o_c, S_c = chunked(C, c, doc=DOCS)(*xs, initial_state=s0)
+    close(o_c, o, 1e-12); close(S_c, S, 1e-12)
+    for name, a, b in zip(NAMES, _grads(chunked(C, c, doc=DOCS), xs, s0), _grads(naive, xs, s0)):
+        assert torch.allclose(a, b, atol=1e-10, rtol=1e-10), name
+
+
+def test_documents_are_checked_and_change_the_result():
+    xs, s0 = inputs(T=13)
+    with pytest.raises(ArgumentError, match="doc.shape"):
+        gla_chunked(*xs, doc=DOCS[:, :5])
+    one = torch.zeros_like(DOCS)          # a single document: the same as no doc at all, and unlike DOCS
+    close(gla_chunked(*xs, chunk_size=4, doc=one)[0], gla_naive(*xs)[0], 1e-12)
+    assert (gla_chunked(*xs, chunk_size=4, doc=DOCS)[0] - gla_naive(*xs)[0]).abs().max() > 1e-3
+
+
+def test_dtype_and_errors():
+    xs, s0 = inputs(dtype=torch.float32)
+    o, S = gla_chunked(*xs, initial_state=s0)
+    assert o.dtype == S.dtype == torch.float32 and o.shape == (2, 2, 13, 6) and S.shape == (2, 2, 8, 6)
+    q, k, v, g = xs
+    with pytest.raises(ArgumentError, match="chunk_size=0"):
+        gla_chunked(*xs, chunk_size=0)
+    with pytest.raises(ArgumentError, match="sub_chunk_size=3"):
+        gla_chunked(*xs, chunk_size=16, sub_chunk_size=3)
+    with pytest.raises(ArgumentError, match="g.shape"):
+        gla_naive(q, k, v, g[..., :3])
+    with pytest.raises(ArgumentError, match="initial_state.shape"):
+        gla_chunked(*xs, initial_state=s0.transpose(-1, -2))      # (d_v, d_k): the paper's layout
+    with pytest.raises(ArgumentError, match="q.shape"):
+        gla_step(q, k, v, g)                                      # a sequence given to the one-token step
+
+
+# --- flash-linear-attention's naive forms: implementations no one here wrote --------------------------------------
+
+def _fla(module):
+    return pytest.importorskip(f"fla.ops.{module}.naive")
+
+
+def _btH(x):
+    return x.transpose(1, 2)     # (B, H, T, d) <-> fla's (B, T, H, d)
+
+
+def _fla_gla(xs, s0):
+    "fla's naive_recurrent_gla: (B, T, H, d) layout, g per key channel, scale d_k^-0.5, fp32 inside."
+    q, k, v, g = xs
+    o, S = _fla("gla").naive_recurrent_gla(*(_btH(x) for x in (q, k, v, g)), initial_state=s0, output_final_state=True)
+    return _btH(o), S
+
+
+@pytest.mark.parametrize("ours", ["naive", "chunked", "step"])
+def test_matches_fla_naive_recurrent_gla(ours):
+    xs, s0 = inputs(dtype=torch.float32)
+    o_fla, S_fla = _fla_gla(xs, s0)
+    run = {"naive": gla_naive, "chunked": chunked(4, 2), "step": step_loop}[ours]
+    o, S = run(*xs, initial_state=s0)
+    close(o, o_fla, 1e-5); close(S, S_fla, 1e-5)
+
+
+@pytest.mark.parametrize("ours", ["naive", "chunked", "step"])
+def test_matches_fla_naive_recurrent_simple_gla(ours):
+    "One decay per head and token: fla's simple GLA takes g (B, T, H)."
+    xs, s0 = inputs(dtype=torch.float32, per_head=True)
+    q, k, v, g = xs
+    o_fla, S_fla = _fla("simple_gla").naive_recurrent_simple_gla(*(_btH(x) for x in (q, k, v)), _btH(g[..., 0]),
+                                                                initial_state=s0, output_final_state=True)
+    run = {"naive": gla_naive, "chunked": chunked(4), "step": step_loop}[ours]
+    o, S = run(*xs, initial_state=s0)
+    close(o, _btH(o_fla), 1e-5); close(S, S_fla, 1e-5)
+
+
+@pytest.mark.parametrize("ours", ["naive", "chunked"])
+def test_matches_fla_naive_retention(ours):
+    "RetNet's retention: the fixed decay gamma_h = 1 - 2^(-5-h) per head, written by fla as the parallel form."
+    xs, _ = inputs(H=4, T=21, dtype=torch.float32, state=False)
+    q, k, v, _ = xs
+    o_fla = _fla("retention").naive_retention(q, k, v)
+    log_gamma = torch.log1p(-2.0 ** (-5.0 - torch.arange(4.0)))
+    g = log_gamma[None, :, None, None].expand(2, 4, 21, 1)
+    o, _ = (gla_naive if ours == "naive" else chunked(8))(q, k, v, g)
+    close(o, o_fla, 1e-5)
+
+
+def test_fla_comparison_can_fail():
+    "The planted bug: the decays applied to the wrong key channels (g reversed along d_k) must break the agreement."
+    xs, s0 = inputs(dtype=torch.float32)
+    o_fla, _ = _fla_gla(xs, s0)
+    q, k, v, g = xs
+    o, _ = gla_chunked(q, k, v, g.flip(-1), chunk_size=4, sub_chunk_size=2, initial_state=s0)
+    with pytest.raises(AssertionError):
+        close(o, o_fla, 1e-5)
