@@ -168,6 +168,51 @@ def test_planted_bug_is_caught():
         close(_mixer_with(m, h, wrong), m(h))
 
 
+@pytest.mark.parametrize("bias, conv_bias, groups, limit", [(False, True, 2, (0.0, float("inf"))),
+                                                        (True, False, 1, (0.0, float("inf"))),
+                                                        (False, True, 4, (0.05, 0.5))])
+def test_mamba2_matches_transformers_prefill_and_cached_decode(bias, conv_bias, groups, limit):
+    from transformers import DynamicCache, Mamba2Config
+    cfg = Mamba2Config(hidden_size=16, num_heads=4, head_dim=8, expand=2, state_size=6, n_groups=groups, chunk_size=4,
+                       conv_kernel=4, num_hidden_layers=1, vocab_size=32, use_bias=bias, use_conv_bias=conv_bias,
+                       time_step_limit=limit)
+    torch.manual_seed(0)
+    theirs = hf.Mamba2Mixer(cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    ours = Mamba2(16, d_state=6, head_dim=8, expand=2, n_groups=groups, conv_kernel=4, chunk_size=8, bias=bias,
+                  conv_bias=conv_bias, norm_eps=cfg.layer_norm_epsilon, dt_limit=limit)
+    ours.load_state_dict(theirs.state_dict())              # the same names and shapes: loads as is
+    h = torch.randn(2, 11, 16)
+    with torch.no_grad():
+        close(ours(h), theirs(h))
+        if limit[0] > 0:   # transformers' decoding step does not clamp dt (its prefill does); smollm clamps both
+            return
+        cache, state = DynamicCache(config=cfg), ours.new_cache()
+        want = [theirs(h[:, :6], cache=cache)] + [theirs(h[:, t:t + 1], cache=cache) for t in range(6, 11)]
+        got = [ours(h[:, :6], None, None, state)] + [ours(h[:, t:t + 1], None, None, state) for t in range(6, 11)]
+        close(torch.cat(got, 1), torch.cat(want, 1))
+        close(state.tensors["ssm"], cache.layers[0].recurrent_states[0])
+
+
+def test_mamba2_left_padding_matches_transformers():
+    # transformers zeroes padded inputs (and their conv outputs); smollm zeroes the conv input and dt, which leaves
+    # the state exactly as it was. Before the first real token the state is zero either way: the outputs agree.
+    from transformers import Mamba2Config
+    cfg = Mamba2Config(hidden_size=16, num_heads=4, head_dim=8, expand=2, state_size=6, n_groups=2, chunk_size=4,
+                       conv_kernel=4, num_hidden_layers=1, vocab_size=32)
+    torch.manual_seed(0)
+    theirs = hf.Mamba2Mixer(cfg, layer_idx=0).eval()
+    ours = Mamba2(16, d_state=6, head_dim=8, expand=2, n_groups=2, conv_kernel=4, chunk_size=4)
+    ours.load_state_dict(theirs.state_dict())
+    h, mask = torch.randn(2, 9, 16), torch.ones(2, 9, dtype=torch.bool)
+    mask[0, :4] = False
+    with torch.no_grad():
+        want, got = theirs(h, attention_mask=mask.long()), ours(h, key_mask=mask)
+    close(got[0, 4:], want[0, 4:]); close(got[1], want[1])
+
+
 def _ours(**kw):
     torch.manual_seed(0)
     m = Mamba2(16, d_state=6, head_dim=8, expand=2, n_groups=2, chunk_size=4, **kw).double()
