@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from smollm.errors import ArgumentError
-from smollm.ssd import Mamba2, doc_starts_upto, heads_of_groups, ssd_chunked, ssd_naive, ssd_step
+import smollm.ssd
+from smollm.ssd import Mamba2, doc_starts_upto, fla_available, heads_of_groups, ssd_chunked, ssd_fla, ssd_naive, ssd_step
 
 hf = pytest.importorskip("transformers.models.mamba2.modeling_mamba2")
 
@@ -211,6 +212,86 @@ def test_mamba2_left_padding_matches_transformers():
     with torch.no_grad():
         want, got = theirs(h, attention_mask=mask.long()), ours(h, key_mask=mask)
     close(got[0, 4:], want[0, 4:]); close(got[1], want[1])
+
+
+# ---- flash-linear-attention: SSD as simple GLA (q = C, k = B, v = dt x, g = dt A, scale 1) ----
+
+
+def test_fla_naive_simple_gla_is_a_second_reference():
+    naive = pytest.importorskip("fla.ops.simple_gla.naive")
+    x, dt, A, B, C, _ = inputs()
+    init = torch.randn(2, 4, 3, 5)
+    want, ws = ssd_naive(x, dt, A, B, C, None, initial_state=init)
+    q, k, v, g = heads_of_groups(C, 4), heads_of_groups(B, 4), x * dt[..., None], dt * A
+    o, st = naive.naive_recurrent_simple_gla(q, k, v, g, scale=1.0, initial_state=init.transpose(-1, -2))
+    close(o, want, 1e-4); close(st.transpose(-1, -2), ws, 1e-4)    # fla's state is (N, P): key first
+    o, st = naive.naive_chunk_simple_gla(q, k, v, g, scale=1.0, chunk_size=4, initial_state=init.transpose(-1, -2),
+                                         output_final_state=True)
+    close(o, want, 1e-4); close(st.transpose(-1, -2), ws, 1e-4)
+
+
+def _gla_on_cpu(q, k, v, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens_cpu=None, **_):
+    "chunk_simple_gla's interface, by fla's naive recurrence one sequence at a time: each row, or one row cut at cu."
+    naive = pytest.importorskip("fla.ops.simple_gla.naive")
+    assert scale == 1.0 and state_v_first and output_final_state
+    if cu_seqlens_cpu is None:
+        seqs = [(r, 0, q.shape[1]) for r in range(q.shape[0])]
+    else:
+        cu = cu_seqlens_cpu.tolist()
+        seqs = [(0, lo, hi) for lo, hi in zip(cu[:-1], cu[1:])]
+    outs, states = [], []
+    for i, (r, lo, hi) in enumerate(seqs):
+        h0 = None if initial_state is None else initial_state[i:i + 1].transpose(-1, -2)
+        o, st = naive.naive_recurrent_simple_gla(*(t[r:r + 1, lo:hi] for t in (q, k, v, g)), scale=1.0, initial_state=h0)
+        outs.append(o); states.append(st.transpose(-1, -2))
+    return torch.cat(outs, 0 if cu_seqlens_cpu is None else 1), torch.cat(states)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fla_mapping_and_document_cuts_on_cpu(monkeypatch, packed):
+    # ssd_fla's own work (heads, layouts, rows cut into documents, their initial and final states), with fla's
+    # kernel replaced by its naive recurrence, so that it runs without a GPU
+    monkeypatch.setattr(smollm.ssd, "_chunk_simple_gla", lambda: _gla_on_cpu)
+    x, dt, A, B, C, D = inputs()
+    init, doc = torch.randn(2, 4, 3, 5), DOCS if packed else None
+    y, s = ssd_fla(x, dt, A, B, C, D, initial_state=init, doc=doc)
+    y0, s0 = ssd_naive(x, dt, A, B, C, D, initial_state=init, doc=doc)
+    close(y, y0, 1e-4); close(s, s0, 1e-4)
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), reason="needs CUDA and the extra fla")
+@pytest.mark.parametrize("packed", [False, True])
+def test_fla_kernel_equals_naive_forward_and_backward(packed):
+    b, t, h, p, g, n = 2, 150, 4, 16, 2, 32
+    gen = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=gen)
+    args = [r(b, t, h, p), F.softplus(r(b, t, h)) * 0.5, -torch.rand(h, generator=gen) - 0.1, r(b, t, g, n) * 0.3,
+            r(b, t, g, n) * 0.3, r(h), r(b, h, p, n)]
+    args = [a.cuda().requires_grad_() for a in args]
+    doc = torch.tensor([[0] * 40 + [1] * 64 + [2] * 46, [0] * 149 + [1]]).cuda() if packed else None
+    dy = torch.randn(b, t, h, p, generator=gen).cuda()
+    res = []
+    for f in (ssd_fla, ssd_naive):
+        y, s = f(*args[:6], initial_state=args[6], doc=doc)
+        res.append([y, s, *torch.autograd.grad((y * dy).sum() + s.square().sum(), args)])
+    for name, got, want in zip(["y", "state", "dx", "ddt", "dA", "dB", "dC", "dD", "dinit"], *res):
+        assert _rel(got, want) < 5e-3, f"{name}: relative error {_rel(got, want):.2e}"
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), reason="needs CUDA and the extra fla")
+def test_fla_mamba2_module_on_cuda_equals_torch_form():
+    m = _ours().float().cuda()
+    h = torch.randn(2, 70, 16, device="cuda")
+    doc = torch.tensor([[0] * 30 + [1] * 40, [0] * 70], device="cuda")
+    for d in (None, doc):
+        m.impl = "auto"
+        y = m(h, doc=d)
+        m.impl = "torch"
+        assert _rel(y, m(h, doc=d)) < 5e-3
 
 
 def _ours(**kw):
