@@ -5,11 +5,14 @@
 # %% ../nbs/07c_gla.ipynb #2e70d7dd
 from __future__ import annotations
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from .errors import check
+from .mixers import Mixer, RecurrentState, short_conv, short_conv_step
+from .norms import RMSNorm
 
 # %% auto #0
-__all__ = ['gla_naive', 'gla_step', 'gla_chunked']
+__all__ = ['SUB_CHUNK', 'gla_naive', 'gla_step', 'gla_chunked', 'gla_auto', 'GatedLinear', 'GLA', 'RetNet']
 
 # %% ../nbs/07c_gla.ipynb #c38a4ec6
 def _check_inputs(q, k, v, g, initial_state, doc=None):
@@ -139,3 +142,129 @@ def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
         entering.append(q_in[:, :, i] @ S)
         S = decay[:, :, i] * S + k_out[:, :, i].transpose(-1, -2) @ v[:, :, i]
     return (o + torch.stack(entering, 2)).flatten(2, 3)[:, :, :T], S
+
+# %% ../nbs/07c_gla.ipynb #89ade69f
+SUB_CHUNK = 16   # the secondary chunks' size (GLA's paper and fla's kernels use 16)
+
+def gla_auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor | None = None,
+             doc: torch.Tensor | None = None, chunk_size: int = 64, impl: str = "auto"):
+    """Gated linear attention in the form that suits the call, on `q, k (B, H, T, d_k)`, `v (B, H, T, d_v)`,
+    `g (B, H, T, d_k or 1)`, `state (B, H, d_k, d_v)` or None, `doc (B, T)` or None: `gla_step` for one decoding
+    token (a state and T = 1), `gla_chunked` otherwise. `impl` ('auto', 'torch', 'triton') is the model's
+    `kernels:` setting. Computed in at least float32; returns `(o in q's dtype, the state)`."""
+    dtype, ct = q.dtype, torch.promote_types(q.dtype, torch.float32)
+    q, k, v, g = (u.to(ct) for u in (q, k, v, g))
+    state = None if state is None else state.to(ct)
+    if state is not None and q.shape[2] == 1:
+        o, state = gla_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], state)
+        return o[:, :, None].to(dtype), state
+    o, state = gla_chunked(q, k, v, g, chunk_size, min(SUB_CHUNK, chunk_size), initial_state=state, doc=doc)
+    return o.to(dtype), state
+
+# %% ../nbs/07c_gla.ipynb #7474650f
+def _conv_silu(weight, u, cache, name, doc, new: dict):
+    """silu(causal depthwise conv of u (B, T, C) by weight (C, 1, k)), the pre-mixer short convolution; with a cache,
+    continuing from its last k - 1 inputs (stored as `name`), whose new value goes into `new`."""
+    if cache is None:
+        return F.silu(short_conv(u, weight, None, doc))
+    last = cache.get(name, lambda: u.new_zeros(u.shape[0], weight.shape[-1] - 1, u.shape[-1]))
+    y, new[name] = short_conv_step(u, last, weight)
+    return F.silu(y)
+
+# %% ../nbs/07c_gla.ipynb #a3057a56
+class GatedLinear(Mixer):
+    """The body GLA and RetNet share: q_proj, k_proj (dim -> expand_k * dim), v_proj and the output gate g_proj
+    (dim -> expand_v * dim) in n_heads heads, an optional short convolution + SiLU on q, k, v (q_conv1d, k_conv1d,
+    v_conv1d, conv_size taps, no bias), the recurrence of `gla_naive` with the log-decay `log_decay(x)` (a subclass
+    says which), an RMSNorm over each head's output times silu(g_proj(x)), and o_proj back to dim. chunk_size: tokens
+    per chunk of the training form (a multiple of 16, or below it). Parameter names are flash-linear-attention's."""
+    def __init__(self, dim: int, n_heads: int, expand_k: float, expand_v: float, use_short_conv: bool = False,
+                 conv_size: int = 4, norm_eps: float = 1e-5, chunk_size: int = 64):
+        super().__init__()
+        check(isinstance(n_heads, int) and n_heads >= 1, "n_heads", n_heads, "a positive integer")
+        key_dim, value_dim = dim * expand_k, dim * expand_v
+        for name, width, x in (("expand_k", key_dim, expand_k), ("expand_v", value_dim, expand_v)):
+            check(width == int(width) and width > 0 and int(width) % n_heads == 0, name, x,
+                  f"a ratio that makes dim={dim} times it a positive multiple of n_heads={n_heads}")
+        check(isinstance(conv_size, int) and conv_size >= 2, "conv_size", conv_size,
+              "an integer >= 2 (the tokens each convolution output sees, itself included)")
+        check(isinstance(chunk_size, int) and chunk_size >= 1 and chunk_size % min(SUB_CHUNK, chunk_size) == 0,
+              "chunk_size", chunk_size, f"a positive multiple of {SUB_CHUNK}, or an integer below it")
+        self.dim, self.n_heads, self.key_dim, self.value_dim = dim, n_heads, int(key_dim), int(value_dim)
+        self.head_k_dim, self.head_v_dim = self.key_dim // n_heads, self.value_dim // n_heads
+        self.use_short_conv, self.conv_size, self.chunk_size = use_short_conv, conv_size, chunk_size
+        self.q_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.value_dim, bias=False)
+        self.g_proj = nn.Linear(dim, self.value_dim, bias=False)
+        if use_short_conv:   # Conv1d modules for their parameters; short_conv / short_conv_step apply them causally
+            for name, width in (("q", self.key_dim), ("k", self.key_dim), ("v", self.value_dim)):
+                setattr(self, f"{name}_conv1d", nn.Conv1d(width, width, conv_size, groups=width, bias=False))
+        self.g_norm = RMSNorm(self.head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(self.value_dim, dim, bias=False)
+        self.o_proj.residual_out = True   # scaled down at init by depth
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        "The log-decay g <= 0 of each token, (B, T, n_heads, head_k_dim or 1), from x (B, T, dim)."
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, positional=None, pos=None, cache: RecurrentState | None = None,
+                key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, dim) -> (B, T, dim). positional and pos are not read. key_mask (B, S): False at padding, which
+        leaves the state as it was (k = 0 and g = 0 there). doc (B, T): packed documents, whose starts the state and the
+        convolution do not cross."""
+        self.check_doc(doc, cache)
+        B, T, _ = x.shape
+        keep = self.new_tokens(key_mask, cache, T)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        new = {}
+        if self.use_short_conv:
+            if keep is not None:   # padding enters the convolution as the zeros before a sequence's start
+                q, k, v = (u * keep[..., None].to(u.dtype) for u in (q, k, v))
+            q, k, v = (_conv_silu(getattr(self, f"{n}_conv1d").weight, u, cache, f"{n}_conv", doc, new)
+                       for n, u in (("q", q), ("k", k), ("v", v)))
+        g = self.log_decay(x)                                                 # (B, T, H, d_k or 1)
+        if keep is not None:
+            k, g = k * keep[..., None].to(k.dtype), g * keep[..., None, None].to(g.dtype)
+        heads = lambda u: u.unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # (B, H, T, d)
+        state = None if cache is None else cache.get("recurrent", lambda: x.new_zeros(
+            B, self.n_heads, self.head_k_dim, self.head_v_dim, dtype=torch.promote_types(x.dtype, torch.float32)))
+        o, state = gla_auto(heads(q), heads(k), heads(v), g.transpose(1, 2), state, doc, self.chunk_size, self.impl)
+        if cache is not None:
+            cache.advance(T, recurrent=state, **new)
+        o = self.g_norm(o.transpose(1, 2).to(x.dtype)) * F.silu(self.g_proj(x).unflatten(-1, (self.n_heads, -1)))
+        return self.o_proj(o.flatten(-2))
+
+# %% ../nbs/07c_gla.ipynb #32349672
+class GLA(GatedLinear):
+    """Gated linear attention (Yang et al. 2023), as flash-linear-attention's GatedLinearAttention layer: the decay
+    per key channel alpha = exp(logsigmoid(gk_proj(x)) / gate_logit_normalizer), gk_proj a low-rank
+    dim -> gate_low_rank_dim -> key_dim projection (the second with a bias). Other arguments: see GatedLinear."""
+    def __init__(self, dim: int, n_heads: int = 4, expand_k: float = 0.5, expand_v: float = 1.0,
+                 gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16, use_short_conv: bool = False,
+                 conv_size: int = 4, norm_eps: float = 1e-5, chunk_size: int = 64):
+        super().__init__(dim, n_heads, expand_k, expand_v, use_short_conv, conv_size, norm_eps, chunk_size)
+        check(isinstance(gate_low_rank_dim, int) and gate_low_rank_dim >= 1, "gate_low_rank_dim", gate_low_rank_dim,
+              "a positive integer")
+        check(gate_logit_normalizer > 0, "gate_logit_normalizer", gate_logit_normalizer, "a positive number")
+        self.gate_logit_normalizer = gate_logit_normalizer
+        self.gk_proj = nn.Sequential(nn.Linear(dim, gate_low_rank_dim, bias=False),
+                                     nn.Linear(gate_low_rank_dim, self.key_dim, bias=True))
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        "g = logsigmoid(gk_proj(x)) / gate_logit_normalizer, (B, T, n_heads, head_k_dim)."
+        return (F.logsigmoid(self.gk_proj(x)) / self.gate_logit_normalizer).unflatten(-1, (self.n_heads, -1))
+
+# %% ../nbs/07c_gla.ipynb #c3210d33
+class RetNet(GatedLinear):
+    """RetNet's multi-scale retention (Sun et al. 2023) without xPos: the fixed decay gamma_h = 1 - 2^(-5-h) of head
+    h, the same for every token and key channel; the rest as GatedLinear (fla's MultiScaleRetention defaults)."""
+    def __init__(self, dim: int, n_heads: int = 8, expand_k: float = 1.0, expand_v: float = 2.0,
+                 use_short_conv: bool = False, conv_size: int = 4, norm_eps: float = 1e-5, chunk_size: int = 64):
+        super().__init__(dim, n_heads, expand_k, expand_v, use_short_conv, conv_size, norm_eps, chunk_size)
+
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
+        "g = log gamma_h, (B, T, n_heads, 1); made from the head index (no buffer: nothing to load or initialise)."
+        ct = torch.promote_types(x.dtype, torch.float32)
+        g = torch.log1p(-torch.exp2(-5.0 - torch.arange(self.n_heads, device=x.device, dtype=ct)))
+        return g[:, None].expand(*x.shape[:2], self.n_heads, 1)

@@ -252,3 +252,109 @@ def test_fla_comparison_can_fail():
     o, _ = gla_chunked(q, k, v, g.flip(-1), chunk_size=4, sub_chunk_size=2, initial_state=s0)
     with pytest.raises(AssertionError):
         close(o, o_fla, 1e-5)
+
+
+# --- the mixers GLA and RetNet (the contract matrix of tests/test_mixers.py covers gla.yaml and retnet.yaml) -------
+
+from smollm.config import ConfigError, build_model, compose          # noqa: E402
+from smollm.generate import generate                                 # noqa: E402
+from smollm.gla import GLA, RetNet                                   # noqa: E402
+
+DIM = 16
+TINY = ["model=tiny", "data.vocab_size=128", "model.n_layers=4"]
+
+
+def module(cls, **kw):
+    torch.manual_seed(0)
+    m = cls(DIM, n_heads=2, **kw).double()
+    for p in m.parameters():
+        torch.nn.init.normal_(p, 0, 0.3)
+    return m
+
+
+def x_of(B=2, T=10, seed=1):
+    return torch.randn(B, T, DIM, dtype=torch.double, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cls", [GLA, RetNet])
+def test_short_conv_variant_decodes_pads_and_keeps_documents_apart(cls):
+    "use_short_conv (not in the yamls' defaults): the conv's state, padding and document resets with the recurrence's."
+    m = module(cls, use_short_conv=True, conv_size=3, chunk_size=4)
+    x = x_of()
+    full = m(x)
+    state = m.new_cache()
+    steps = [m(x[:, :3], cache=state)] + [m(x[:, t:t + 1], cache=state) for t in range(3, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), full)
+    assert set(state.tensors) == {"recurrent", "q_conv", "k_conv", "v_conv"}
+    padded = torch.cat([x_of(B=2, T=3, seed=7) * 5, x], 1)
+    mask = torch.tensor([[False] * 3 + [True] * 10] * 2)
+    torch.testing.assert_close(m(padded, key_mask=mask)[:, 3:], full)
+    doc = torch.tensor([[0] * 4 + [1] * 6] * 2)
+    torch.testing.assert_close(m(x, doc=doc), torch.cat([m(x[:, :4]), m(x[:, 4:])], 1))
+
+
+def test_retnet_is_fla_naive_retention_inside_the_layer():
+    "The layer's recurrence, rebuilt from its projections and fla's naive_retention (an implementation no one here wrote)."
+    ret = _fla("retention")
+    m = module(RetNet)
+    x = x_of(B=1, T=12)
+    heads = lambda u: u.unflatten(-1, (2, -1)).transpose(1, 2)
+    o = ret.naive_retention(heads(m.q_proj(x)), heads(m.k_proj(x)), heads(m.v_proj(x)))      # fp32 inside
+    theirs = m.o_proj((m.g_norm(o.transpose(1, 2)) * F.silu(heads(m.g_proj(x)).transpose(1, 2))).flatten(-2))
+    close(m(x), theirs, 1e-5)
+
+
+def test_gla_decay_and_errors():
+    m = GLA(DIM)
+    g = m.log_decay(torch.randn(2, 5, DIM))
+    assert g.shape == (2, 5, 4, 2) and (g < 0).all()
+    with torch.no_grad():                    # a zero gate logit: alpha = sigmoid(0)^(1/16), a half-life of 16 tokens
+        m.gk_proj[1].weight.zero_(); m.gk_proj[1].bias.zero_()
+    assert torch.allclose(m.log_decay(torch.randn(1, 1, DIM)).exp(), torch.tensor(0.5 ** (1 / 16)))
+    with pytest.raises(ArgumentError, match="expand_k=0.5"):
+        GLA(DIM, n_heads=3)
+    with pytest.raises(ArgumentError, match="chunk_size=24"):
+        GLA(DIM, chunk_size=24)
+    with pytest.raises(ConfigError, match="model.mixers.C.chunk_size=24 is not valid"):
+        compose([*TINY, "model/mixer@model.mixers.C=gla", "model.layer_pattern=CG", "model.mixers.C.chunk_size=24"])
+
+
+@pytest.mark.parametrize("cls", [GLA, RetNet])
+def test_bf16_keeps_an_fp32_state(cls):
+    m = cls(DIM, n_heads=2).bfloat16()
+    x = x_of().bfloat16()
+    state = m.new_cache()
+    y = m(x, cache=state)
+    assert y.dtype == torch.bfloat16 and state.tensors["recurrent"].dtype == torch.float32
+    assert m(x[:, :1], cache=state).dtype == torch.bfloat16
+
+
+def hybrid(option, pattern="CCCG", *more):
+    torch.manual_seed(0)
+    return build_model(compose([*TINY, f"model/mixer@model.mixers.C={option}", f"model.layer_pattern={pattern}",
+                                *more]).model)
+
+
+@pytest.mark.parametrize("option", ["gla", "retnet"])
+def test_static_state_decoding_equals_full_forward(option):
+    "What a compiled decoding step reads: static states (0-dim tensor length, tensors written in place)."
+    model = hybrid(option, "CCCG", "model.init_std=0.5").double().eval()
+    ids = torch.randint(0, 128, (2, 9))
+    mask = torch.cat([torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9]), torch.ones(2, 7, dtype=torch.long)], 1)
+    full = model(ids, key_mask=mask[:, :9])
+    cache = model.new_cache(capacity=16)
+    steps = [model(ids[:, :2], cache, key_mask=mask), model(ids[:, 2:4], cache, key_mask=mask)]   # padding in both
+    steps += [model(ids[:, t:t + 1], cache, key_mask=mask) for t in range(4, 9)]
+    assert torch.is_tensor(cache[0].length) and int(cache[0].length) == 9
+    torch.testing.assert_close(torch.cat(steps, 1)[1], full[1])
+    torch.testing.assert_close(torch.cat(steps, 1)[0, 3:], full[0, 3:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option", ["gla", "retnet"])
+def test_generate_compiled_with_the_state(option):
+    model = hybrid(option, "CCCG", "model.init_std=0.5").eval()
+    ids = torch.randint(0, 128, (2, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert torch.equal(generate(model, ids, 8, attention_mask=mask, compile=True),
+                       generate(model, ids, 8, attention_mask=mask))
