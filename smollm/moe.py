@@ -13,7 +13,8 @@ from .kernels import swiglu
 from .mlp import MLP, SwiGLU
 
 # %% auto #0
-__all__ = ['MATCH_RULES', 'route', 'experts_reference', 'experts_grouped', 'balance', 'MoE']
+__all__ = ['MATCH_RULES', 'ROUTER_COLUMNS', 'route', 'experts_reference', 'experts_grouped', 'balance', 'bias_step',
+           'load_summary', 'MoE', 'take_aux_loss', 'end_step', 'router_stats', 'metric_columns']
 
 # %% ../nbs/08_moe.ipynb #a05c1cb9
 def route(logits: torch.Tensor, top_k: int, norm_topk: bool = True, bias: torch.Tensor | None = None):
@@ -72,6 +73,20 @@ def balance(probs: torch.Tensor, index: torch.Tensor, n_experts: int):
     entropy = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
     return counts, load, loss, entropy
 
+# %% ../nbs/08_moe.ipynb #4405e70d
+def bias_step(counts: torch.Tensor, rate: float) -> torch.Tensor:
+    """DeepSeek-V3's auxiliary-loss-free bias update from one step's `counts` (E,) of assignments per expert: +rate
+    for the experts below the mean load, -rate for those above, 0 at the mean (their γ is 0.001)."""
+    return rate * torch.sign(counts.mean() - counts)
+
+def load_summary(load: torch.Tensor) -> dict[str, float]:
+    """Numbers for one layer's `load` (E,), the fraction of assignments per expert: `load_max` and `load_min`, the
+    busiest and the idlest expert's load over the uniform 1/E (1 and 1 when balanced; at worst n_experts / top_k
+    and 0), and `load_cv`, the coefficient of variation std / mean (0 when balanced)."""
+    E = load.numel()
+    mx, mn, cv = torch.stack([load.max() * E, load.min() * E, load.std(correction=0) / load.mean()]).tolist()
+    return {"load_max": mx, "load_min": mn, "load_cv": cv}
+
 # %% ../nbs/08_moe.ipynb #8abd5967
 MATCH_RULES = ("active", "total")
 
@@ -81,8 +96,9 @@ class MoE(MLP):
     (top_k + n_shared): a token uses as many expert parameters as a SwiGLU of width `hidden` has) or 'total'
     (hidden // (n_experts + n_shared): all experts together have them). `norm_topk`: renormalise the chosen
     weights (Mixtral, Qwen3-MoE) or not (OLMoE).
-    `aux_loss_weight`: weight of the load-balancing loss left in `self.aux_loss`; `bias_update_rate`: DeepSeek-V3's
-    auxiliary-loss-free bias step (0: off)."""
+    `aux_loss_weight`: weight of the load-balancing loss left in `self.aux_loss` after each forward;
+    `bias_update_rate`: DeepSeek-V3's auxiliary-loss-free bias step, taken once per optimizer step by `end_step`
+    (0: off). It follows the router protocol (`take_aux_loss`, `end_step`, `router_stats`)."""
     gated = True
     impl = "auto"
 
@@ -104,11 +120,20 @@ class MoE(MLP):
         self.dim, self.n_experts, self.top_k, self.n_shared, self.expert_hidden = dim, n_experts, top_k, n_shared, eh
         self.norm_topk, self.aux_loss_weight, self.bias_update_rate = norm_topk, aux_loss_weight, bias_update_rate
         self.router = nn.Linear(dim, n_experts, bias=False)
-        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * eh, dim).normal_(0.0, init_std))
-        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, eh).normal_(0.0, init_std))
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * eh, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, eh))
+        self.init_weights(init_std, init_std)
         self.shared = SwiGLU(dim, n_shared * eh) if n_shared else None
         self.register_buffer("expert_bias", torch.zeros(n_experts))
+        # sums over the training forwards since the last end_step: assignments per expert, entropy x tokens, tokens
+        self.register_buffer("step_sums", torch.zeros(n_experts + 2), persistent=False)
         self.aux_loss = self.balance_loss = self.load = self.router_entropy = None
+        self.step_load = self.step_entropy = None
+
+    def init_weights(self, std: float, out_std: float):
+        "The stacked experts N(0, std²), their down projections (the residual output) N(0, out_std²)."
+        with torch.no_grad():
+            self.gate_up_proj.normal_(0.0, std); self.down_proj.normal_(0.0, out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -123,25 +148,78 @@ class MoE(MLP):
         return out.reshape(shape)
 
     def _balance(self, probs: torch.Tensor, index: torch.Tensor):
-        "Keep the router statistics and the weighted auxiliary loss; in training, take the bias step."
+        "Keep this forward's router statistics and weighted auxiliary loss; a training forward adds to the step's sums."
         counts, load, loss, entropy = balance(probs, index, self.n_experts)
         self.aux_loss = self.aux_loss_weight * loss
         self.balance_loss, self.load, self.router_entropy = loss.detach(), load.detach(), entropy.detach()
-        if self.training and self.bias_update_rate > 0:
-            with torch.no_grad():   # outside the gradient: raise the idle experts' bias, lower the busy ones'
-                self.expert_bias += self.bias_update_rate * torch.sign(counts.mean() - counts)
+        if self.training and torch.is_grad_enabled():   # not evaluation, nor sampling under no_grad
+            with torch.no_grad():
+                T = float(probs.shape[0])
+                self.step_sums += torch.cat([counts, (entropy * T)[None], counts.new_tensor([T])]).to(self.step_sums)
+
+    @torch.no_grad()
+    def end_step(self):
+        """Once per optimizer step, after its forward passes: the step's load (summed over its micro-batches, and over
+        ranks when torch.distributed is initialised) takes DeepSeek-V3's bias step and is kept for `stats()`; the sums
+        start afresh. A step without a training forward changes nothing."""
+        sums = self.step_sums.clone()
+        self.step_sums.zero_()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        counts, entropy, tokens = sums[:-2], sums[-2], sums[-1]
+        if tokens.item() == 0:
+            return
+        if self.bias_update_rate > 0:
+            self.expert_bias += bias_step(counts, self.bias_update_rate)
+        self.step_load, self.step_entropy = counts / counts.sum(), (entropy / tokens).item()
 
     def stats(self) -> dict[str, float]:
-        """The last forward's router statistics as numbers: `load_max` (the busiest expert's load over the mean:
-        1 when balanced, n_experts / top_k at worst), `router_entropy` (nats), `balance_loss` (the auxiliary loss
-        before its weight; 1 when balanced)."""
-        if self.load is None:
+        """The last step's router statistics (see `end_step`): `load_summary` of its load, and `router_entropy`, the
+        mean entropy of the router's distribution per token in nats (log n_experts at most). {} before a step."""
+        if self.step_load is None:
             return {}
-        return {"load_max": (self.load.max() * self.n_experts).item(),
-                "router_entropy": self.router_entropy.item(), "balance_loss": self.balance_loss.item()}
+        return {**load_summary(self.step_load), "router_entropy": self.step_entropy}
 
     def param_counts(self) -> dict[str, int]:
         "Parameters in all (`total`) and those one token uses (`active`: router, its top_k experts, the shared ones)."
-        per_expert = self.gate_up_proj[0].numel() + self.down_proj[0].numel()
+        per_expert = (self.gate_up_proj.numel() + self.down_proj.numel()) // self.n_experts   # also when sharded
         always = self.router.weight.numel() + (sum(p.numel() for p in self.shared.parameters()) if self.shared else 0)
         return {"total": always + self.n_experts * per_expert, "active": always + self.top_k * per_expert}
+
+# %% ../nbs/08_moe.ipynb #5e32c53b
+ROUTER_COLUMNS = ("load_max", "load_min", "load_cv", "router_entropy")
+
+def _routers(model: nn.Module) -> list[nn.Module]:
+    "The modules of `model` that keep router statistics over a step: those with `end_step()` and `stats()`."
+    return [m for m in model.modules() if callable(getattr(m, "end_step", None)) and callable(getattr(m, "stats", None))]
+
+def take_aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the auxiliary losses (tensors) that modules of `model` left in `aux_loss` in the forward just run,
+    each reset to None as it is taken; None when there is none."""
+    total = None
+    for m in model.modules():
+        a = getattr(m, "aux_loss", None)
+        if isinstance(a, torch.Tensor):
+            total = a if total is None else total + a
+            m.aux_loss = None
+    return total
+
+def end_step(model: nn.Module) -> None:
+    "Call `end_step()` of every router of `model`: once per optimizer step, after its forward and backward passes."
+    for m in _routers(model):
+        m.end_step()
+
+def router_stats(model: nn.Module) -> dict[str, float]:
+    """The last step's router statistics of `model` over its layers (ROUTER_COLUMNS): load_max the largest and
+    load_min the smallest over layers, load_cv and router_entropy the means. {} with no router, or before a step."""
+    stats = [s for s in (m.stats() for m in _routers(model)) if s]
+    if not stats:
+        return {}
+    mean = lambda k: sum(s[k] for s in stats) / len(stats)
+    return {"load_max": max(s["load_max"] for s in stats), "load_min": min(s["load_min"] for s in stats),
+            "load_cv": mean("load_cv"), "router_entropy": mean("router_entropy")}
+
+def metric_columns(model: nn.Module) -> tuple[str, ...]:
+    "The metrics.csv columns `model` adds: 'aux_loss' when a module has an `aux_loss`, ROUTER_COLUMNS when it has routers."
+    aux = ("aux_loss",) if any(hasattr(m, "aux_loss") for m in model.modules()) else ()
+    return aux + (ROUTER_COLUMNS if _routers(model) else ())

@@ -19,6 +19,7 @@ from .config import ConfigError, build_model, compose, conf_dir, validate
 from .distributed import (DistEnv, broadcast, choose_strategy, close, full_value, grad_sync, init, is_main,
                                 mean_over_ranks, read_env, sum_over_ranks, wrap)
 
+from .moe import end_step, metric_columns, router_stats, take_aux_loss
 from .runs import (METRIC_COLUMNS, MetricsLog, latest_checkpoint, load_checkpoint, progress_bar,
                          read_checkpoint_state, read_metrics, rng_state, save_checkpoint, save_config,
                          save_tokenizer, set_rng_state, update_run_json)
@@ -201,21 +202,28 @@ def target_shares(batches) -> list[float] | None:
     if all(c * len(counts) * world == total for c in counts): return None
     return [c * world / total for c in counts]
 
-def accumulate(loss_fn, batches, device: torch.device, precision: str = "fp32") -> torch.Tensor:
-    """Backward over micro-batches [(x, y) or (x, y, doc), ...]; returns this rank's share of the step's mean loss
-    (detached; its mean over ranks is the step's loss). Each micro-batch's mean loss is weighted by `target_shares`
-    (1/len(batches) when the counts are equal). `doc` goes to loss_fn when present. A DDP `loss_fn` averages the
-    gradients over ranks in the last backward pass only."""
-    shares, total = target_shares(batches), torch.zeros((), device=device)
+def accumulate(loss_fn, batches, device: torch.device, precision: str = "fp32",
+               aux: Callable[[], torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward over micro-batches [(x, y) or (x, y, doc), ...]; returns this rank's shares of the step's mean loss
+    and of its auxiliary loss (detached; their means over ranks are the step's). Each micro-batch's mean loss is
+    weighted by `target_shares` (1/len(batches) when the counts are equal). `aux`: called after each forward, the
+    auxiliary loss to add (`smollm.moe.take_aux_loss` of the model) or None; weighted 1/len(batches), so that a step
+    has one auxiliary term, the mean over its micro-batches (and ranks), whatever the accumulation. `doc` goes to
+    loss_fn when present. A DDP `loss_fn` averages the gradients over ranks in the last backward pass only."""
+    n, shares = len(batches), target_shares(batches)
+    total, extra = torch.zeros((), device=device), torch.zeros((), device=device)
     for i, (x, y, *doc) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with grad_sync(loss_fn, enabled=i == len(batches) - 1):
+        with grad_sync(loss_fn, enabled=i == n - 1):
             with autocast(device, precision):
                 loss = loss_fn(x, y, doc[0].to(device, non_blocking=True)) if doc else loss_fn(x, y)
-                loss = loss / len(batches) if shares is None else loss * shares[i]
-            loss.backward()
+                loss = loss / n if shares is None else loss * shares[i]
+                a = None if aux is None else aux()
+                a = None if a is None else a / n
+            (loss if a is None else loss + a).backward()
         total += loss.detach()
-    return total
+        if a is not None: extra += a.detach()
+    return total, extra
 
 # %% ../nbs/21_train.ipynb #9aaf2478
 @torch.no_grad()
@@ -266,8 +274,8 @@ def plot_metrics(rows: list[dict], path, title: str = "") -> Path:
 
 # %% ../nbs/21_train.ipynb #afe83470
 def _window() -> dict:
-    "Sums over the steps since the last metrics row: loss, steps, seconds, tokens."
-    return dict(loss=0.0, n=0, t=0.0, tokens=0)
+    "Sums over the steps since the last metrics row: loss, auxiliary loss, steps, seconds, tokens."
+    return dict(loss=0.0, aux=0.0, n=0, t=0.0, tokens=0)
 
 @dataclass
 class TrainRun:
@@ -318,12 +326,12 @@ class TrainRun:
     @property
     def resolved(self) -> dict: return OmegaConf.to_container(self.cfg, resolve=True)
 
-    def count(self, loss: float, seconds: float):
-        "Add a finished step's loss and duration to the counters."
+    def count(self, loss: float, seconds: float, aux: float = 0.0):
+        "Add a finished step's loss, auxiliary loss and duration to the counters."
         self.t_train += seconds
         if self.step > self.start + 1: self.t_steady += seconds
         s = self.since
-        s.update(loss=s["loss"] + loss, n=s["n"] + 1, t=s["t"] + seconds, tokens=s["tokens"] + self.tokens_per_step)
+        s.update(loss=s["loss"] + loss, aux=s["aux"] + aux, n=s["n"] + 1, t=s["t"] + seconds, tokens=s["tokens"] + self.tokens_per_step)
         self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
 
     def state(self) -> dict:
@@ -526,7 +534,8 @@ def open_run(run: TrainRun):
     if not run.env.is_main: return
     save_config(run.cfg, run.run_dir)
     save_tokenizer(src, run.run_dir)
-    columns = list(METRIC_COLUMNS) + (["val_acc"] if run.accuracy else []) + list(getattr(src, "score_columns", ()))
+    columns = (list(METRIC_COLUMNS) + (["val_acc"] if run.accuracy else []) + list(getattr(src, "score_columns", ()))
+               + list(metric_columns(run.model)))
     run.log = MetricsLog(run.run_dir / "metrics.csv", columns,
                          keep_until=run.start if run.resumed_from is not None else None)
     n_params = run.model.num_params()
@@ -548,25 +557,27 @@ def _nonfinite(run: TrainRun, loss: float, grad_norm: float) -> TrainingError:
                          f"(loss {loss}, grad norm {grad_norm}, lr {run.optimizer.param_groups[0]['lr']:.3g}); stopped; "
                          f"the last good checkpoint is {last if last else 'none (no checkpoint was written yet)'}")
 
-def train_step(run: TrainRun) -> tuple[float, float]:
-    """Optimizer step number run.step: the learning rate from the schedule, grad_accum micro-batches, clipping,
-    and the step, unless the loss or the gradient norm is not finite (then TrainingError, with the weights
-    untouched). Each rank takes its slices of the global micro-batches. Returns (this rank's mean loss, the
-    global gradient norm before clipping)."""
+def train_step(run: TrainRun) -> tuple[float, float, float]:
+    """Optimizer step number run.step: the learning rate from the schedule, grad_accum micro-batches (with the model's
+    auxiliary losses, `take_aux_loss`), clipping, the step, unless the loss or the gradient norm is not finite (then
+    TrainingError, with the weights untouched), and then the routers' `end_step` (smollm.moe: DeepSeek-V3's bias step
+    from the step's load). Each rank takes its slices of the global micro-batches. Returns (this rank's mean loss,
+    the global gradient norm before clipping, this rank's auxiliary loss)."""
     tc, step, T, e = run.tc, run.step, run.block, run.env
     for g in run.optimizer.param_groups: g["lr"] = g["base_lr"] * run.schedule(step)
     batches = [run.source.batch("train", step * tc.grad_accum + i, tc.batch_size, T, run.cfg.seed, e.rank, e.world_size)
                for i in range(tc.grad_accum)]
-    loss = accumulate(run.loss_fn, batches, run.device, tc.precision)
+    loss, aux = accumulate(run.loss_fn, batches, run.device, tc.precision, aux=lambda: take_aux_loss(run.model))
     # the gradients are already averaged over ranks (DDP) or sharded (FSDP2: the norm is a DTensor, over all shards)
     grad_norm = full_value(torch.nn.utils.clip_grad_norm_(run.params, tc.grad_clip if tc.grad_clip else float("inf")))
 
-    loss, grad_norm = torch.stack([loss, grad_norm.to(loss)]).tolist()
+    loss, grad_norm, aux = torch.stack([loss, grad_norm.to(loss), aux.to(loss)]).tolist()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise _nonfinite(run, loss, grad_norm)
     run.optimizer.step(); run.optimizer.zero_grad(set_to_none=True)
+    end_step(run.model)                                  # once per optimizer step: all its micro-batches, all ranks
     run.step, run.tokens = step + 1, run.tokens + run.tokens_per_step
-    return loss, grad_norm
+    return loss, grad_norm, aux
 
 # %% ../nbs/21_train.ipynb #67dbcc49
 def score(run: TrainRun) -> dict:
@@ -593,15 +604,16 @@ def evaluation(run: TrainRun) -> dict:
 def log_metrics(run: TrainRun, grad_norm: float, last: bool = False):
     """After a step: a metrics.csv row when the step is a multiple of log_every, an evaluation step (a multiple of
     eval_every, or max_steps: the row then holds the validation figures and scores), or the `last` step of this
-    process. The training loss and the seconds are means over ranks (every rank calls this); rank 0 writes the row."""
+    process. The training and auxiliary losses and the seconds are means over ranks (every rank calls this); the router
+    statistics (`smollm.moe.router_stats`) are the last step's; rank 0 writes the row."""
     tc, s = run.tc, run.since
     is_eval = run.step % tc.eval_every == 0 or run.step == tc.max_steps
     if not (run.step % tc.log_every == 0 or is_eval or last): return
-    train_loss, seconds = mean_over_ranks(s["loss"] / s["n"], s["t"])
+    train_loss, aux_loss, seconds = mean_over_ranks(s["loss"] / s["n"], s["aux"] / s["n"], s["t"])
     tps = s["tokens"] / max(seconds, 1e-9)            # the tokens of all ranks
     mfu = tps * run.flops / (run.peak * run.env.world_size) if run.peak else None
     row = dict(step=run.step, tokens=run.tokens, train_loss=train_loss, lr=run.optimizer.param_groups[0]["lr"],
-               tokens_per_s=tps, grad_norm=grad_norm, mfu=mfu)
+               tokens_per_s=tps, grad_norm=grad_norm, mfu=mfu, aux_loss=aux_loss, **router_stats(run.model))
     if is_eval:
         run.last_eval, run.eval_step = evaluation(run), run.step
         row.update(run.last_eval)
@@ -704,8 +716,8 @@ def train(cfg: DictConfig, run_dir=None, source=None, stop_at: int | None = None
     try:
         while run.step < end:
             t0 = time.perf_counter()
-            loss, grad_norm = train_step(run)
-            run.count(loss, time.perf_counter() - t0)
+            loss, grad_norm, aux = train_step(run)
+            run.count(loss, time.perf_counter() - t0, aux)
             bar.update(1)
             bar.set_postfix(loss=f"{run.ema:.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
                             tok_s=f"{run.since['tokens'] / max(run.since['t'], 1e-9):,.0f}", refresh=False)

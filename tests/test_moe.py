@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from smollm.config import ConfigError, build_model, compose
-from smollm.moe import MoE, experts_grouped, experts_reference, route
+from smollm.moe import (ROUTER_COLUMNS, MoE, bias_step, end_step, experts_grouped, experts_reference, metric_columns,
+                        route, router_stats, take_aux_loss)
 
 TINY = ["model=tiny", "data.vocab_size=128", "model/mlp=moe"]
 
@@ -96,9 +97,12 @@ def test_balance_loss_values():
     assert m.aux_loss.requires_grad
     with torch.no_grad():
         m.router.weight[0, 0] = 50.0; m.router.weight[1, 0] = 49.0   # every token: experts 0 and 1
+    m.step_sums.zero_()
     m(torch.rand(40, 16) + 0.5)
     assert m.load.tolist() == pytest.approx([0.5, 0.5, 0.0, 0.0])
-    assert m.stats()["load_max"] == pytest.approx(2.0)            # n_experts / top_k: the worst
+    m.end_step()
+    s = m.stats()
+    assert (s["load_max"], s["load_min"], s["load_cv"]) == pytest.approx((2.0, 0.0, 1.0))   # n_experts / top_k: the worst
     assert m.balance_loss.item() == pytest.approx(4 * 0.5 * 1.0, rel=1e-3)   # P = (~1, ~0, ...)
 
 
@@ -109,9 +113,13 @@ def test_aux_free_bias_moves_load_without_gradients():
     x = torch.rand(64, 16) + 0.1
     m.eval(); m(x)
     assert m.expert_bias.abs().sum() == 0, "no bias step outside training"
+    m.end_step()
+    assert m.expert_bias.abs().sum() == 0, "no bias step outside training"
     m.train()
     for _ in range(20):
         y = m(x)
+        assert m.expert_bias.abs().sum() <= 2 * 4 * 0.05 * _ + 1e-6   # steps only in end_step
+        m.end_step()
     assert m.load[2:].sum() > 0.2
     assert not m.expert_bias.requires_grad and "expert_bias" in m.state_dict()
     # the bias picks experts but does not weight them: outputs still equal the reference on unbiased weights
@@ -141,13 +149,18 @@ def test_tiny_model_with_moe_trains_and_counts():
     model = build_model(compose([*TINY, "model.mlp.n_shared=1", "model.mlp.bias_update_rate=0.001"]).model)
     ids = torch.randint(0, 128, (2, 17))
     loss = model.loss(ids[:, :-1], ids[:, 1:])
-    aux = sum(m.aux_loss for m in model.modules() if isinstance(m, MoE))
+    aux = take_aux_loss(model)
+    assert torch.allclose(aux, sum(m.aux_loss_weight * m.balance_loss for m in model.modules() if isinstance(m, MoE)))
     (loss + aux).backward()
     assert torch.isfinite(loss) and aux.item() > 0
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     moes = [m for m in model.modules() if isinstance(m, MoE)]
-    assert moes and all(set(m.stats()) == {"load_max", "router_entropy", "balance_loss"} for m in moes)
+    assert moes and all(m.stats() == {} for m in moes)            # statistics are per optimizer step
+    end_step(model)
+    assert all(set(m.stats()) == {"load_max", "load_min", "load_cv", "router_entropy"} for m in moes)
+    assert set(router_stats(model)) == set(ROUTER_COLUMNS)
+    assert metric_columns(model) == ("aux_loss", *ROUTER_COLUMNS)
 
 
 def test_balance_loss_is_mixtral_load_balancing_loss_over_top_k():
@@ -174,3 +187,60 @@ def test_builds_on_meta():
     with torch.device("meta"):
         model = build_model(compose(["model=tinyllama_120m", "model/mlp=moe"]).model)
     assert any(isinstance(m, MoE) for m in model.modules())
+
+
+def test_bias_steps_once_per_optimizer_step_from_all_micro_batches():
+    "Micro-batches add up; eval forwards and no_grad forwards in training mode add nothing; end_step steps once."
+    m = MoE(16, 64, n_experts=4, top_k=2, bias_update_rate=0.01)
+    with torch.no_grad():
+        m.router.weight.zero_(); m.router.weight[:, :4] = torch.eye(4)   # expert i scores feature i
+    def tokens(n, experts):
+        x = torch.zeros(n, 16); x[:, experts] = 1.0; return x + 0.01 * torch.rand(n, 16)
+    # micro-batch 1: 12 tokens to experts 1 and 3; micro-batch 2: 8 tokens to experts 0 and 2
+    m(tokens(12, [1, 3])); m(tokens(8, [0, 2]))
+    m.eval(); m(tokens(100, [0, 1])); m.train()     # an evaluation in the middle of a step
+    with torch.no_grad():
+        m(tokens(100, [0, 1]))                      # sampling in training mode
+    assert m.expert_bias.abs().sum() == 0           # no step in any forward
+    m.end_step()
+    # the step's counts (8, 12, 8, 12), mean 10: up for 0 and 2, down for 1 and 3. Stepping per micro-batch would
+    # give 0 everywhere, the last micro-batch alone the opposite signs, counting the evaluations other signs again
+    torch.testing.assert_close(m.expert_bias, torch.tensor([0.01, -0.01, 0.01, -0.01]))
+    torch.testing.assert_close(m.step_load, torch.tensor([8.0, 12.0, 8.0, 12.0]) / 40)
+    m.end_step()                                    # no training forward since: nothing moves
+    torch.testing.assert_close(m.expert_bias, torch.tensor([0.01, -0.01, 0.01, -0.01]))
+
+
+def test_bias_step_sums_the_load_over_ranks():
+    "With torch.distributed initialised, end_step takes the load of every rank (gloo, 2 processes on the CPU)."
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    q = ctx.SimpleQueue()
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+    ps = [ctx.Process(target=_rank_worker, args=(r, 2, port, q)) for r in range(2)]
+    for p in ps: p.start()
+    for p in ps: p.join(120)
+    out = dict(q.get() for _ in range(2))
+    assert all(p.exitcode == 0 for p in ps)
+    c0, c1 = out[0]["counts"], out[1]["counts"]
+    assert out[0]["bias"] == out[1]["bias"]                                   # the ranks agree
+    expected = bias_step(torch.tensor(c0) + torch.tensor(c1), 0.01).tolist()
+    assert out[0]["bias"] == pytest.approx(expected)
+
+
+def _rank_worker(rank, world, port, q):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        m = MoE(16, 64, n_experts=4, top_k=2, bias_update_rate=0.01)   # the same weights on both ranks
+        torch.manual_seed(1 + rank)
+        x = torch.randn(5 + 20 * rank, 16)                             # different data and sizes per rank
+        m(x)
+        counts = (m.load * x.shape[0] * 2).tolist()
+        m.end_step()
+        q.put((rank, {"counts": counts, "bias": m.expert_bias.tolist()}))
+    finally:
+        dist.destroy_process_group()

@@ -39,7 +39,7 @@ def weights(run_dir, cfg):
 def assert_same_run(a, b, cfg):
     "Same losses at every logged step and bit-identical final weights."
     ra, rb = read_metrics(Path(a) / "metrics.csv"), read_metrics(Path(b) / "metrics.csv")
-    key = lambda rows: [(r["step"], r["tokens"], r["train_loss"], r["val_loss"], r["val_acc"], r["lr"]) for r in rows]
+    key = lambda rows: [(r["step"], r["tokens"], r["train_loss"], r["val_loss"], r.get("val_acc"), r["lr"]) for r in rows]
     assert key(ra) == key(rb)
     assert [r["step"] for r in ra] == list(range(1, cfg.trainer.max_steps + 1))
     wa, wb = weights(a, cfg), weights(b, cfg)
@@ -286,3 +286,67 @@ def test_command_line_bad_input_is_one_clear_line(tmp_path):
     assert p.returncode != 0
     assert "ConfigError: model.n_heads=7 is not valid: a divisor of model.dim=256" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+MOE = ["model/mlp=moe", "model.mlp.bias_update_rate=0.01"]     # the balancing loss at its default weight, 0.01
+
+
+def test_moe_bias_steps_once_per_optimizer_step(tmp_path, monkeypatch):
+    "Each optimizer step takes one bias step per MoE layer, from the load of its micro-batches and nothing else."
+    from smollm.moe import MoE, bias_step
+    calls, real = [], MoE.end_step
+
+    def spy(self):
+        sums, before = self.step_sums.clone(), self.expert_bias.clone()
+        real(self)
+        calls.append((self, sums, before, self.expert_bias.clone()))
+    monkeypatch.setattr(MoE, "end_step", spy)
+    cfg = cfg_of(*MOE, "trainer.grad_accum=2", "trainer.eval_every=2", "trainer.max_steps=4")
+    train(cfg, tmp_path)                       # evaluations at steps 2 and 4, between the steps' end_step calls
+    layers = list(dict.fromkeys(c[0] for c in calls))
+    assert len(layers) == cfg.model.n_layers and len(calls) == 4 * len(layers)
+    for layer in layers:
+        mine = [c for c in calls if c[0] is layer]
+        for (_, sums, before, after), nxt in zip(mine, mine[1:] + [None]):
+            assert sums[-1] == 2 * 8 * 32          # two micro-batches of 8 x 32 tokens: no evaluation tokens
+            assert sums[:-2].sum() == 2 * 8 * 32 * layer.top_k
+            torch.testing.assert_close(after - before, bias_step(sums[:-2], 0.01))
+            if nxt is not None:
+                assert torch.equal(nxt[2], after)  # nothing moved it between two steps (the evaluations)
+    saved = weights(tmp_path, cfg)
+    assert torch.equal(saved["layers.1.mlp.expert_bias"], [c[3] for c in calls if c[0] is layers[1]][-1])
+    assert any(not torch.equal(before, after) for _, _, before, after in calls)     # the bias did move
+
+
+def text_cfg(tmp_path, *extra):
+    "A tiny run on a slice of the embedded corpus (the Python standard library), its tokenizer cached in tmp_path."
+    return compose(["model=tiny", "model.block_size=32", "data=pystdlib", "data.max_files=20", "data.vocab_size=300",
+                    f"data.cache_dir={tmp_path / 'cache'}", "trainer.batch_size=4", "trainer.progress=false",
+                    "schedule.warmup_steps=2", "trainer.log_every=1", "trainer.eval_every=3", "trainer.eval_batches=2",
+                    "trainer.max_steps=6", "trainer.sample_tokens=4", "trainer.samples=1", *extra])
+
+
+def test_moe_trains_on_text_logs_router_columns_and_resumes_exactly(tmp_path):
+    cfg = text_cfg(tmp_path, *MOE, "trainer.ckpt_every=3", "trainer.grad_accum=2")
+    out = train(cfg, tmp_path / "straight")
+    assert out["status"] == "done" and math.isfinite(out["val_loss"])
+    rows = read_metrics(tmp_path / "straight" / "metrics.csv")
+    assert list(rows[0])[-5:] == ["aux_loss", "load_max", "load_min", "load_cv", "router_entropy"]
+    for r in rows:
+        assert 0.01 * 0.5 < r["aux_loss"] < 0.01 * 4                # weight x a balancing loss near 1 (at most E)
+        assert r["load_max"] >= 1 >= r["load_min"] >= 0 and r["load_cv"] >= 0
+        assert 0 < r["router_entropy"] <= math.log(4) + 1e-6
+    assert rows[0]["train_loss"] > 4                                 # the token loss alone, near log(300) at the start
+    # stopped at step 4 and resumed: the same rows (router columns included) and the same weights and biases
+    train(cfg, tmp_path / "resumed", stop_at=4)
+    train(text_cfg(tmp_path, *MOE, "trainer.ckpt_every=3", "trainer.grad_accum=2", "trainer.resume=true"),
+          tmp_path / "resumed")
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", cfg)
+    cols = ["aux_loss", "load_max", "load_min", "load_cv", "router_entropy"]
+    resumed = read_metrics(tmp_path / "resumed" / "metrics.csv")
+    assert [[r[c] for c in cols] for r in rows] == [[r[c] for c in cols] for r in resumed]
+
+
+def test_dense_run_has_no_router_columns(tmp_path):
+    train(cfg_of("trainer.max_steps=2"), tmp_path)
+    assert "aux_loss" not in read_metrics(tmp_path / "metrics.csv")[0]
