@@ -4,6 +4,7 @@
 
 # %% ../nbs/07c_gla.ipynb #2e70d7dd
 from __future__ import annotations
+import importlib.util
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,7 +13,8 @@ from .mixers import Mixer, RecurrentState, short_conv, short_conv_step
 from .norms import RMSNorm
 
 # %% auto #0
-__all__ = ['SUB_CHUNK', 'gla_naive', 'gla_step', 'gla_chunked', 'gla_auto', 'GatedLinear', 'GLA', 'RetNet']
+__all__ = ['SUB_CHUNK', 'gla_naive', 'gla_step', 'gla_chunked', 'fla_available', 'gla_fla', 'gla_auto', 'GatedLinear', 'GLA',
+           'RetNet']
 
 # %% ../nbs/07c_gla.ipynb #c38a4ec6
 def _check_inputs(q, k, v, g, initial_state, doc=None):
@@ -143,6 +145,56 @@ def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
         S = decay[:, :, i] * S + k_out[:, :, i].transpose(-1, -2) @ v[:, :, i]
     return (o + torch.stack(entering, 2)).flatten(2, 3)[:, :, :T], S
 
+# %% ../nbs/07c_gla.ipynb #8597668d
+def fla_available() -> bool:
+    "Is flash-linear-attention (the extra `fla`) importable here?"
+    return importlib.util.find_spec("fla") is not None
+
+def _fla_kernels():
+    "fla's chunk_gla and chunk_simple_gla, or an ImportError that names the extra to install."
+    try:
+        from fla.ops.gla import chunk_gla
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError:
+        raise ImportError("GLA on flash-linear-attention's kernels needs the fla extra: pip install 'smollm[fla]'") from None
+    return chunk_gla, chunk_simple_gla
+
+# %% ../nbs/07c_gla.ipynb #d03fb49a
+def gla_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float | None = None,
+            initial_state: torch.Tensor | None = None, doc: torch.Tensor | None = None):
+    """`gla_chunked` by flash-linear-attention's Triton kernels (CUDA tensors): chunk_gla for `g (B, H, T, d_k)`,
+    chunk_simple_gla for `g (B, H, T, 1)`. Same arguments and result as `gla_naive`; `doc (B, T)` runs each
+    document as its own sequence (fla's cu_seqlens)."""
+    _check_inputs(q, k, v, g, initial_state, doc)
+    chunk_gla, chunk_simple_gla = _fla_kernels()
+    (B, H, T, dk), dv = q.shape, v.shape[-1]
+    per_head = g.shape[-1] == 1
+    tr = lambda u: u.transpose(1, 2).contiguous()                          # (B, T, H, ...) as fla takes them
+    q, k, v, g = tr(q), tr(k), tr(v), tr(g[..., 0] if per_head else g)
+    def run(q, k, v, g, **kw):
+        if per_head:
+            return chunk_simple_gla(q, k, v, g=g, scale=scale, output_final_state=True, **kw)
+        return chunk_gla(q, k, v, g, scale=scale, output_final_state=True, **kw)
+    if doc is None:
+        o, state = run(q, k, v, g, initial_state=initial_state)
+        return o.transpose(1, 2), state
+    new = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0), value=True)             # a sequence starts here (and at each row)
+    per_row = new.sum(1)
+    cu = F.pad(new.flatten().nonzero()[:, 0], (0, 1), value=B * T)
+    first, last = per_row.cumsum(0) - per_row, per_row.cumsum(0) - 1      # each row's first and last document
+    h0 = None if initial_state is None else \
+        initial_state.new_zeros(len(cu) - 1, H, dk, dv).index_copy(0, first, initial_state)
+    flat = lambda u: u.reshape(1, B * T, *u.shape[2:])
+    o, states = run(flat(q), flat(k), flat(v), flat(g), initial_state=h0, cu_seqlens=cu, cu_seqlens_cpu=cu.cpu())
+    return o.view(B, T, H, dv).transpose(1, 2), states[last]
+
+# %% ../nbs/07c_gla.ipynb #fae4bb30
+def _use_fla(q, v, impl: str) -> bool:
+    "Run fla's kernels for these tensors? CUDA, impl not 'torch', fla importable (required when impl='triton'), heads >= 16."
+    if not q.is_cuda or impl == "torch" or min(q.shape[-1], v.shape[-1]) < 16:
+        return False
+    return impl == "triton" or fla_available()
+
 # %% ../nbs/07c_gla.ipynb #89ade69f
 SUB_CHUNK = 16   # the secondary chunks' size (GLA's paper and fla's kernels use 16)
 
@@ -150,15 +202,19 @@ def gla_auto(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
              doc: torch.Tensor | None = None, chunk_size: int = 64, impl: str = "auto"):
     """Gated linear attention in the form that suits the call, on `q, k (B, H, T, d_k)`, `v (B, H, T, d_v)`,
     `g (B, H, T, d_k or 1)`, `state (B, H, d_k, d_v)` or None, `doc (B, T)` or None: `gla_step` for one decoding
-    token (a state and T = 1), `gla_chunked` otherwise. `impl` ('auto', 'torch', 'triton') is the model's
-    `kernels:` setting. Computed in at least float32; returns `(o in q's dtype, the state)`."""
+    token (a state and T = 1); `gla_fla` on CUDA tensors unless `impl` (the model's `kernels:`) is 'torch', when fla
+    is installed ('triton' requires it) and the heads are 16 wide or more; `gla_chunked` otherwise. Computed in at
+    least float32; returns `(o in q's dtype, the state)`."""
     dtype, ct = q.dtype, torch.promote_types(q.dtype, torch.float32)
     q, k, v, g = (u.to(ct) for u in (q, k, v, g))
     state = None if state is None else state.to(ct)
     if state is not None and q.shape[2] == 1:
         o, state = gla_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], state)
         return o[:, :, None].to(dtype), state
-    o, state = gla_chunked(q, k, v, g, chunk_size, min(SUB_CHUNK, chunk_size), initial_state=state, doc=doc)
+    if _use_fla(q, v, impl):
+        o, state = gla_fla(q, k, v, g, initial_state=state, doc=doc)
+    else:
+        o, state = gla_chunked(q, k, v, g, chunk_size, min(SUB_CHUNK, chunk_size), initial_state=state, doc=doc)
     return o.to(dtype), state
 
 # %% ../nbs/07c_gla.ipynb #7474650f

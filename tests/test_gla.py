@@ -358,3 +358,79 @@ def test_generate_compiled_with_the_state(option):
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert torch.equal(generate(model, ids, 8, attention_mask=mask, compile=True),
                        generate(model, ids, 8, attention_mask=mask))
+
+
+# --- flash-linear-attention's kernels (CUDA + the extra fla; run on a GPU machine with `pytest -k fla`) -----------
+
+from smollm.gla import fla_available, gla_fla          # noqa: E402
+
+needs_fla_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()),
+                                   reason="needs a CUDA device and flash-linear-attention (the extra fla)")
+
+
+def _rel(a, b):
+    "max |a - b| relative to max |b|: fla's kernels accumulate in fp32 but may multiply in tf32."
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@needs_fla_gpu
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_fla_kernels_equal_naive_forward_and_backward(per_head, packed):
+    "gla_fla (fp32 on CUDA) against gla_naive (fp64 on CUDA): outputs, final state and every gradient."
+    xs, s0 = inputs(B=2, H=2, T=150, dk=32, dv=64, per_head=per_head)
+    doc = torch.tensor([[0] * 40 + [1] * 70 + [2] * 40, [0] * 150]).cuda() if packed else None
+    gen = torch.Generator().manual_seed(2)
+    do = torch.randn(2, 2, 150, 64, generator=gen, dtype=torch.float64).cuda()
+    dS = torch.randn(2, 2, 32, 64, generator=gen, dtype=torch.float64).cuda()
+
+    def run(fn, dtype):
+        leaves = [x.cuda().to(dtype).requires_grad_() for x in [*xs, s0]]
+        o, S = fn(*leaves[:4], initial_state=leaves[4], doc=doc)
+        grads = torch.autograd.grad((o.double() * do).sum() + (S.double() * dS).sum(), leaves)
+        return [o, S, *grads]
+    ours = run(gla_fla, torch.float32)
+    ref = run(gla_naive, torch.float64)
+    for name, a, b in zip(["o", "final_state", *NAMES], ours, ref):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 5e-3, (name, _rel(a, b))
+
+
+@needs_fla_gpu
+@pytest.mark.parametrize("cls", [GLA, RetNet])
+def test_fla_path_in_the_mixer_equals_the_torch_path(cls):
+    "The mixer on CUDA with kernels auto (fla) and torch (smollm's chunked form): forward, backward, documents, prefill."
+    torch.manual_seed(0)
+    m = cls(128, n_heads=2, use_short_conv=True).cuda()
+    x = torch.randn(2, 150, 128, device="cuda")
+    doc = torch.tensor([[0] * 40 + [1] * 110, [0] * 150], device="cuda")
+
+    def run(impl, **kw):
+        for mod in m.modules():
+            if hasattr(mod, "impl"):
+                mod.impl = impl
+        m.zero_grad()
+        y = m(x, **kw)
+        y.square().mean().backward()
+        return [y] + [p.grad.clone() for p in m.parameters()]
+    for kw in ({}, {"doc": doc}):
+        for a, b in zip(run("auto", **kw), run("torch", **kw)):
+            assert _rel(a, b) < 5e-3, _rel(a, b)
+    state = m.new_cache()                   # a prefill through fla, then decoding steps, equal to the full forward
+    with torch.no_grad():
+        full = m(x[:, :80])
+        y = torch.cat([m(x[:, :70], cache=state)] + [m(x[:, t:t + 1], cache=state) for t in range(70, 80)], 1)
+    assert _rel(y, full) < 5e-3
+
+
+@needs_fla_gpu
+def test_fla_gated_linear_attention_layer_equals_our_gla():
+    "fla's own GatedLinearAttention layer (fused norm and gate) on copied weights: an implementation no one here wrote."
+    from fla.layers import GatedLinearAttention
+    torch.manual_seed(0)
+    theirs = GatedLinearAttention(hidden_size=128, num_heads=2, expand_k=0.5, expand_v=1.0).cuda()
+    ours = GLA(128, n_heads=2).cuda()
+    state = {k.replace("g_norm_swish_gate", "g_norm"): v for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(state)
+    x = torch.randn(2, 150, 128, device="cuda")
+    assert _rel(ours(x), theirs(x)[0]) < 5e-3
