@@ -185,6 +185,7 @@ def test_mamba2_matches_transformers_prefill_and_cached_decode(bias, conv_bias, 
     ours = Mamba2(16, d_state=6, head_dim=8, expand=2, n_groups=groups, conv_kernel=4, chunk_size=8, bias=bias,
                   conv_bias=conv_bias, norm_eps=cfg.layer_norm_epsilon, dt_limit=limit)
     ours.load_state_dict(theirs.state_dict())              # the same names and shapes: loads as is
+    assert ours.n_heads == cfg.num_heads and ours.norm.eps == theirs.norm.variance_epsilon
     h = torch.randn(2, 11, 16)
     with torch.no_grad():
         close(ours(h), theirs(h))
