@@ -4,6 +4,7 @@
 
 # %% ../nbs/03_attention.ipynb #4d8ca47a
 from __future__ import annotations
+import math
 from typing import Callable
 import torch
 import torch.nn as nn
@@ -15,7 +16,8 @@ from .norms import RMSNorm
 # %% auto #0
 __all__ = ['CAPABILITIES', 'BACKENDS', 'GrowingCache', 'StaticCache', 'visible', 'visible_keys', 'padding_bias', 'document_mask',
            'Backend', 'supporting', 'cannot', 'refuse', 'bias_need', 'bias_and_visible', 'SDPA', 'Eager', 'Fused',
-           'attend', 'capability_table', 'kernel_table', 'SelfAttention', 'Attention', 'MLA']
+           'attend', 'capability_table', 'kernel_table', 'SelfAttention', 'Attention', 'MLA', 'diff_lambda_init',
+           'DiffAttention']
 
 # %% ../nbs/03_attention.ipynb #a174104b
 class GrowingCache:
@@ -284,7 +286,10 @@ class Fused(Backend):
         D, Dv = q.shape[-1], v.shape[-1]
         if Dv < D:                 # MLA: values narrower than queries; zeros pass through the kernel
             v = F.pad(v, (0, D - Dv))
-        return attention(q, k, v, causal=True, window=window, softcap=softcap, alibi_slopes=slopes, impl=impl)[..., :Dv]
+        if Dv > D:                 # differential attention: values wider; zero query/key channels add nothing
+            q, k = F.pad(q, (0, Dv - D)), F.pad(k, (0, Dv - D))
+        return attention(q, k, v, causal=True, window=window, softcap=softcap, alibi_slopes=slopes, impl=impl,
+                         scale=D ** -0.5)[..., :Dv]
 
 # %% ../nbs/03_attention.ipynb #f0b4a015
 def attend(q, k, v, positional, pos, window=None, softcap=None, sinks=None, key_mask=None,
@@ -339,12 +344,14 @@ def kernel_table() -> str:
 class SelfAttention(nn.Module):
     """Base of the self-attention layers: n_heads query heads of width head_dim (default dim // n_heads), n_kv_heads
     key/value heads, an optional sliding `window` and `softcap`, computed by the algorithm BACKENDS[backend]. Layers
-    read by the model: new_cache(capacity), check_positional(positional), refusal(option), impl (set from the
-    model's `kernels:`), and `residual_out = True` on output projections that add to the residual stream (scaled
-    down at init). forward takes doc (B, T), a packed row's document indices, checked by check_doc."""
+    read by the model: new_cache(capacity), check_positional(positional), refusal(option), place(index,
+    attention_index) (where the layer sits), impl (set from the model's `kernels:`), and `residual_out = True`
+    on output projections that add to the residual stream (scaled down at init). forward takes doc (B, T), a
+    packed row's document indices, checked by check_doc."""
     family = "attention"
     impl = "auto"      # the fused op's implementation: 'auto', 'torch' or 'triton'
     cache_axis = 2     # the sequence axis of the tensors the layer caches
+    layer_index = 0    # the layer's index in its model (0: the first), which `place` sets
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
                  window: int | None = None, softcap: float | None = None, sinks: bool = False,
@@ -364,6 +371,10 @@ class SelfAttention(nn.Module):
             refuse(backend, lacking[0], arg=lacking[0], value=options[lacking[0]])
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim or dim // n_heads
         self.window, self.softcap, self.backend = window, softcap, backend
+
+    def place(self, index: int, attention_index: int) -> None:
+        "Where the model puts this layer: `index` among all its layers, `attention_index` among its attention layers."
+        self.layer_index = index
 
     def needs(self, positional=None) -> set[str]:
         "The capabilities (keys of CAPABILITIES) this layer uses; with `positional`, what its score bias needs too."
@@ -491,3 +502,59 @@ class MLA(SelfAttention):
         y = attend(q, k, v, positional, pos, self.window, self.softcap, None, key_mask, self.backend, self.impl,
                    key_pos, doc)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+
+# %% ../nbs/03_attention.ipynb #29ff721e
+def diff_lambda_init(layer_index: int) -> float:
+    "Differential attention's λ_init for the layer at `layer_index` (0: the first): 0.8 - 0.6 exp(-0.3 index)."
+    return 0.8 - 0.6 * math.exp(-0.3 * layer_index)
+
+class DiffAttention(SelfAttention):
+    """Differential attention (Ye et al. 2024): n_heads // 2 heads, each attending with the difference of two
+    softmax maps, softmax(q1 k1) - λ softmax(q2 k2), over a value of 2 * head_dim, then `norm` (a callable
+    dim -> module) over each head's output, times 1 - λ_init. n_heads and n_kv_heads (both even) count the
+    softmax maps, so the parameters are Attention(dim, n_heads, n_kv_heads)'s plus 4 * head_dim for λ and the
+    head norm. λ_init follows the layer's index (`place`). window, softcap, backend: as for Attention."""
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
+                 window: int | None = None, softcap: float | None = None, backend: str = "sdpa",
+                 norm: Callable[[int], nn.Module] = RMSNorm):
+        super().__init__(dim, n_heads, n_kv_heads, head_dim, window, softcap, False, backend)
+        for arg, n in (("n_heads", self.n_heads), ("n_kv_heads", self.n_kv_heads)):
+            check(n % 2 == 0, arg, n, "an even number: two softmax maps make one differential head")
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(dim, H * hd, bias=False)
+        self.k_proj = nn.Linear(dim, Hkv * hd, bias=False)
+        self.v_proj = nn.Linear(dim, Hkv * hd, bias=False)       # Hkv / 2 values of 2 * hd
+        self.o_proj = nn.Linear(H * hd, dim, bias=False)
+        self.o_proj.residual_out = True
+        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
+            nn.Parameter(torch.randn(hd) * 0.1) for _ in range(4))
+        self.head_norm = norm(2 * hd)
+
+    @property
+    def lambda_init(self) -> float:
+        return diff_lambda_init(self.layer_index)
+
+    def diff_lambda(self) -> torch.Tensor:
+        "λ = exp(λq1 · λk1) - exp(λq2 · λk2) + λ_init: a 0-dim tensor."
+        return (torch.exp(self.lambda_q1 @ self.lambda_k1) - torch.exp(self.lambda_q2 @ self.lambda_k2)
+                + self.lambda_init)
+
+    def forward(self, x: torch.Tensor, positional, pos: torch.Tensor, cache: GrowingCache | StaticCache | None = None,
+                key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None):
+        """x (B, T, dim) at positions pos (T,) -> (B, T, dim). key_mask (B, S): False for keys to ignore (padding).
+        doc (B, T): each token's document index in a packed row, which attention does not cross; pos is then (B, T)."""
+        self.check_doc(doc, cache)
+        (B, T, _), H, hd = x.shape, self.n_heads // 2, self.head_dim
+        maps = lambda t: t.view(B, T, 2, -1, hd).flatten(2, 3).transpose(1, 2)    # (B, 2h, T, hd): map 1s, map 2s
+        q, k = maps(self.q_proj(x)), maps(self.k_proj(x))
+        v = self.v_proj(x).view(B, T, -1, 2 * hd).transpose(1, 2)                # (B, Hkv/2, T, 2hd)
+        q, k = positional.rotate(q, k, pos)
+        key_pos = None
+        if cache is not None:
+            k, v = cache.update(k, v)                                            # (B, Hkv, S, hd), (B, Hkv/2, S, 2hd)
+            key_pos = cache.key_pos
+        y = attend(q, k, torch.cat([v, v], 1), positional, pos, self.window, self.softcap, None, key_mask,
+                   self.backend, self.impl, key_pos, doc)                      # (B, 2H, T, 2hd)
+        y = y[:, :H] - self.diff_lambda().to(y.dtype) * y[:, H:]                # (B, H, T, 2hd)
+        y = self.head_norm(y) * (1 - self.lambda_init)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * 2 * hd))

@@ -99,6 +99,9 @@ class Transformer(nn.Module):
         self.vocab_size, self.dim = vocab_size, dim
         self.embed = nn.Embedding(vocab_size, dim)
         self.layers = nn.ModuleList(blocks)
+        attention = [i for i, blk in enumerate(self.layers) if blk.attn.family == "attention"]
+        for n, i in enumerate(attention):   # what depends on depth (DiffAttention's lambda_init) is set here
+            self.layers[i].attn.place(i, n)
         self.norm, self.positional = norm, positional
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:

@@ -12,8 +12,8 @@ import re
 import pytest
 import torch
 
-from smollm.attention import (BACKENDS, CAPABILITIES, MLA, Attention, GrowingCache, StaticCache, attend, bias_need,
-                              supporting)
+from smollm.attention import (BACKENDS, CAPABILITIES, MLA, Attention, DiffAttention, GrowingCache, StaticCache, attend,
+                              bias_need, supporting)
 from smollm.config import build_model, compose, options
 from smollm.errors import ArgumentError
 from smollm.norms import RMSNorm
@@ -546,3 +546,58 @@ def test_triton_kernel(cls, opts):
     for p in (RoPE(32, 4, 8, 16), Slopes(32, 4, 8, 16)):
         with torch.no_grad():
             torch.testing.assert_close(a(x, p, pos), b(x, p, pos), atol=1e-4, rtol=1e-3)
+
+
+# ---- differential attention ------------------------------------------------------------------------------------
+
+def diff_reference(a: DiffAttention, x, window=None):
+    """Differential attention from the paper's formula, head by head: (softmax(q1 k1ᵀ/√d) - λ softmax(q2 k2ᵀ/√d)) v
+    with RoPE at 0..n-1, each head's output RMS-normed (its weight) and scaled by 1 - λ_init, into o_proj."""
+    B, n, _ = x.shape
+    H, G, hd = a.n_heads // 2, a.n_heads // a.n_kv_heads, a.head_dim
+    q = a.q_proj(x).view(B, n, 2, H, hd)
+    k = a.k_proj(x).view(B, n, 2, H // G, hd)
+    v = a.v_proj(x).view(B, n, H // G, 2 * hd)
+    lam_init = 0.8 - 0.6 * math.exp(-0.3 * a.layer_index)
+    lam = (a.lambda_q1 * a.lambda_k1).sum().exp() - (a.lambda_q2 * a.lambda_k2).sum().exp() + lam_init
+    pos = torch.arange(n)
+    heads = []
+    for h in range(H):
+        g = h // G
+        p = [(rope(q[:, :, c, h], pos) @ rope(k[:, :, c, g], pos).transpose(-1, -2) / math.sqrt(hd))
+             .masked_fill(hidden(n, window), float("-inf")).softmax(-1) for c in (0, 1)]       # (B, n, n) each
+        o = (p[0] - lam * p[1]) @ v[:, :, g]                                                  # (B, n, 2hd)
+        heads.append(rms(o, a.head_norm.weight, a.head_norm.eps) * (1 - lam_init))
+    return a.o_proj(torch.cat(heads, -1))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("kv", [8, 4, 2])
+def test_differential_attention_matches_the_paper(kv, window):
+    x, r = torch.randn(2, 10, 64), RoPE(64, 8, 8, 16)
+    for backend in BACKENDS:
+        torch.manual_seed(0)
+        a = DiffAttention(64, 8, kv, window=window, backend=backend)
+        a.place(5, 2)
+        with torch.no_grad():
+            a.head_norm.weight.normal_()
+            a.q_proj.weight.mul_(4)                # sharp maps, so that λ's two terms differ
+            y = a(x, r, torch.arange(10))
+            torch.testing.assert_close(y, diff_reference(a, x, window), atol=1e-5, rtol=1e-4)
+            a.lambda_q1.mul_(3)                    # another λ: the output moves, and still follows the formula
+            torch.testing.assert_close(a(x, r, torch.arange(10)), diff_reference(a, x, window), atol=1e-5, rtol=1e-4)
+            assert (a(x, r, torch.arange(10)) - y).abs().max() > 1e-3
+
+
+def test_differential_lambda_init_follows_the_layer():
+    m = build_model(compose(TINY + ("model/attention=differential", "model.n_layers=4")).model)
+    assert [blk.attn.layer_index for blk in m.layers] == [0, 1, 2, 3]
+    want = [0.8 - 0.6 * math.exp(-0.3 * l) for l in range(4)]
+    assert [blk.attn.lambda_init for blk in m.layers] == pytest.approx(want)
+    gqa = model("gqa").param_counts()
+    diff = model("differential").param_counts()
+    hd, L = 16, 2
+    assert diff["attention"] - gqa["attention"] == L * 4 * hd and diff["norm"] - gqa["norm"] == L * 2 * hd
+    hybrid = build_model(compose(TINY + ("model/attention=differential", "model.n_layers=4",
+                                         "model.layer_pattern=CG")).model)
+    assert [blk.attn.layer_index for blk in hybrid.layers[1::2]] == [1, 3]   # the index among all layers
