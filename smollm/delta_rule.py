@@ -4,11 +4,16 @@
 
 # %% ../nbs/07a_delta_rule.ipynb #3988b722
 from __future__ import annotations
+import math
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from .errors import check
+from .mixers import Mixer, RecurrentState, short_conv, short_conv_step
 
 # %% auto #0
-__all__ = ['gated_delta_rule_naive', 'gated_delta_rule_step', 'gated_delta_rule_chunked']
+__all__ = ['gated_delta_rule_naive', 'gated_delta_rule_step', 'gated_delta_rule_chunked', 'l2norm', 'GatedRMSNorm',
+           'GatedDeltaNet']
 
 # %% ../nbs/07a_delta_rule.ipynb #212febb7
 def _check_inputs(q, k, v, g, beta, initial_state, doc=None):
@@ -121,3 +126,177 @@ def gated_delta_rule_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         S = chunk_decay[:, :, i] * S + k_out[:, :, i].transpose(-1, -2) @ v_new
     o = torch.stack(outs, dim=2).reshape(B, H, n * C, dv)[:, :, :T]
     return o, S
+
+# %% ../nbs/07a_delta_rule.ipynb #f08675db
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum x^2 + eps) over the last dim: flash-linear-attention's and transformers' form (the eps inside the
+    root), so that q and k match theirs to the last bit, not only to 1e-6."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(x) * silu(gate) over the last dim, x and gate (..., dim): Gated DeltaNet's output gate. Computed in
+    fp32, or fp64 for fp64 inputs (transformers' Qwen3NextRMSNormGated always in fp32), returned in x's dtype."""
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(dtype)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(dtype)
+        return (y * F.silu(gate.to(dtype))).to(x.dtype)
+
+# %% ../nbs/07a_delta_rule.ipynb #5c54a58a
+class GatedDeltaNet(Mixer):
+    """Gated DeltaNet (Yang, Kautz & Hatamizadeh 2024), the linear-attention layer of Qwen3-Next, as a token mixer:
+    x (B, T, dim) -> (B, T, dim) with a fixed-size state (the short convolution's last inputs and the delta rule's
+    (B, n_v_heads, head_k_dim, head_v_dim) matrix). `n_v_heads` value heads, `n_k_heads` query/key heads (a divisor
+    of n_v_heads; default n_v_heads), head dims defaulting to dim // n_v_heads, `conv_size` the short convolution's
+    kernel, `chunk_size` the chunked form's chunk.
+
+    Parameters carry the names and layouts of transformers' Qwen3NextGatedDeltaNet (`linear_attn.*` of a Qwen3-Next
+    checkpoint load one to one, r = n_v_heads // n_k_heads):
+    in_proj_qkvz.weight (2 key_dim + 2 value_dim, dim), rows grouped by key head, each group [q (head_k_dim),
+    k (head_k_dim), v (r head_v_dim), z (r head_v_dim)]; in_proj_ba.weight (2 n_v_heads, dim), groups [b (r), a (r)];
+    conv1d.weight (2 key_dim + value_dim, 1, conv_size), channels [q | k | v], no bias; dt_bias, A_log (n_v_heads,);
+    norm.weight (head_v_dim,); out_proj.weight (dim, value_dim)."""
+    supports = frozenset({"key_mask", "doc_mask"})
+
+    def __init__(self, dim: int, n_v_heads: int = 4, n_k_heads: int | None = None, head_k_dim: int | None = None,
+                 head_v_dim: int | None = None, conv_size: int = 4, chunk_size: int = 64, norm_eps: float = 1e-6):
+        super().__init__()
+        n_k_heads = n_v_heads if n_k_heads is None else n_k_heads
+        check(isinstance(n_v_heads, int) and n_v_heads >= 1, "n_v_heads", n_v_heads, "a positive integer")
+        check(isinstance(n_k_heads, int) and n_k_heads >= 1 and n_v_heads % n_k_heads == 0, "n_k_heads", n_k_heads,
+              f"a divisor of n_v_heads={n_v_heads} (each key head serves n_v_heads // n_k_heads value heads)")
+        head_k_dim = dim // n_v_heads if head_k_dim is None else head_k_dim
+        head_v_dim = head_k_dim if head_v_dim is None else head_v_dim
+        for name, d in (("head_k_dim", head_k_dim), ("head_v_dim", head_v_dim)):
+            check(isinstance(d, int) and d >= 1, name, d, "a positive integer (null: dim // n_v_heads)")
+        check(isinstance(conv_size, int) and conv_size >= 2, "conv_size", conv_size, "an integer >= 2")
+        check(isinstance(chunk_size, int) and chunk_size >= 1, "chunk_size", chunk_size, "an integer >= 1")
+        self.dim, self.n_v_heads, self.n_k_heads = dim, n_v_heads, n_k_heads
+        self.head_k_dim, self.head_v_dim, self.conv_size, self.chunk_size = head_k_dim, head_v_dim, conv_size, chunk_size
+        self.key_dim, self.value_dim = n_k_heads * head_k_dim, n_v_heads * head_v_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.in_proj_qkvz = nn.Linear(dim, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(dim, 2 * n_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, conv_size, groups=self.conv_dim, bias=False)
+        self.dt_bias, self.A_log = nn.Parameter(torch.empty(n_v_heads)), nn.Parameter(torch.empty(n_v_heads))
+        self.norm = GatedRMSNorm(head_v_dim, eps=norm_eps)
+        self.out_proj = nn.Linear(self.value_dim, dim, bias=False)
+        self.out_proj.residual_out = True   # scaled down at init by depth
+        self.reset_decay_()
+
+# %% ../nbs/07a_delta_rule.ipynb #96af7fec
+@torch.no_grad()
+def _reset_decay_(self, A_range=(1.0, 16.0), dt_range=(1e-3, 1e-1)):
+    """Initialise A_log and dt_bias as Mamba2 and the Gated DeltaNet paper's code do: A uniform in A_range, and
+    dt = softplus(dt_bias) log-uniform in dt_range, so that at a = 0 the heads' decays exp(-A dt) span memories of
+    about one to a thousand tokens."""
+    self.A_log.copy_(torch.empty_like(self.A_log).uniform_(*A_range).log())
+    dt = torch.empty_like(self.dt_bias).uniform_(math.log(dt_range[0]), math.log(dt_range[1])).exp()
+    self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))      # the inverse of softplus
+
+GatedDeltaNet.reset_decay_ = _reset_decay_
+
+# %% ../nbs/07a_delta_rule.ipynb #56d7ac6d
+def _project(self, x: torch.Tensor):
+    """x (B, T, dim) -> q, k (B, T, key_dim), v, z (B, T, value_dim), b, a (B, T, n_v_heads), read out of
+    in_proj_qkvz and in_proj_ba's grouped-by-key-head layout (transformers' `fix_query_key_value_ordering`)."""
+    B, T, _ = x.shape
+    Hk, r, dk, dv = self.n_k_heads, self.n_v_heads // self.n_k_heads, self.head_k_dim, self.head_v_dim
+    q, k, v, z = self.in_proj_qkvz(x).view(B, T, Hk, -1).split([dk, dk, r * dv, r * dv], -1)
+    b, a = self.in_proj_ba(x).view(B, T, Hk, 2 * r).split([r, r], -1)
+    return tuple(t.reshape(B, T, -1) for t in (q, k, v, z, b, a))
+
+def _gates(self, b: torch.Tensor, a: torch.Tensor):
+    """The write strength beta = sigmoid(b) and the log-decay g = -exp(A_log) softplus(a + dt_bias) <= 0, both
+    (B, T, n_v_heads), g in fp32 at least (exp(A_log) overflows fp16)."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    return b.sigmoid(), -self.A_log.to(dtype).exp() * F.softplus(a.to(dtype) + self.dt_bias.to(dtype))
+
+GatedDeltaNet._project, GatedDeltaNet._gates = _project, _gates
+
+# %% ../nbs/07a_delta_rule.ipynb #5e054842
+def _fla_ops(self, x: torch.Tensor):
+    """flash-linear-attention's gated-delta-rule ops when they are to run (`impl` 'auto' or 'triton' and x on a
+    CUDA device), else None. With impl='triton' on CUDA a missing package is an error naming the extra."""
+    if self.impl == "torch" or not x.is_cuda:
+        return None
+    try:
+        from fla.ops import gated_delta_rule
+    except ImportError as e:
+        if self.impl == "triton":
+            raise ImportError("GatedDeltaNet's kernels (impl='triton') need flash-linear-attention, an optional "
+                              "extra: pip install 'smollm[fla]'") from e
+        return None
+    return gated_delta_rule
+
+def _cu_seqlens(doc: torch.Tensor) -> torch.Tensor:
+    "doc (B, T) -> the documents' boundaries in the flattened (B * T) row, [0, ..., B * T] (fla's varlen form)."
+    new = torch.ones_like(doc, dtype=torch.bool)
+    new[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    starts = new.flatten().nonzero().squeeze(1)
+    return torch.cat([starts, starts.new_tensor([doc.numel()])])
+
+def _recurrence(self, q, k, v, g, beta, state=None, doc=None):
+    """The gated delta rule on the heads: q, k (B, T, n_k_heads, head_k_dim), v (B, T, n_v_heads, head_v_dim), g, beta
+    (B, T, n_v_heads), state (B, n_v_heads, head_k_dim, head_v_dim) or None -> (o like v, the final state; None with
+    doc on fla's path). flash-linear-attention's kernels on CUDA (see `_fla_ops`), else smollm's forms, in fp32 for
+    inputs of lower precision: the one-token step when decoding (state given, T = 1), the chunked form otherwise."""
+    if (fla := self._fla_ops(q)) is not None:    # its kernels take (B, T, H, d) and value heads grouped as ours
+        g = g.float()
+        if state is not None and q.shape[1] == 1:
+            return fla.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state, output_final_state=True)
+        if doc is not None:          # packed documents: fla's varlen form over the flattened batch
+            flat = lambda t: t.reshape(1, -1, *t.shape[2:])
+            o, _ = fla.chunk_gated_delta_rule(*map(flat, (q, k, v, g, beta)), cu_seqlens=_cu_seqlens(doc))
+            return o.view(v.shape), None
+        return fla.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, output_final_state=True)
+    out_dtype, dtype = v.dtype, torch.promote_types(v.dtype, torch.float32)
+    q, k, v, g, beta = (t.to(dtype) for t in (q, k, v, g, beta))
+    r = self.n_v_heads // self.n_k_heads
+    heads = lambda t: t.transpose(1, 2)                                   # (B, T, H, ...) -> (B, H, T, ...)
+    q, k = (heads(t).repeat_interleave(r, 1) for t in (q, k))            # each key head serves r value heads
+    v, g, beta = heads(v), heads(g), heads(beta)
+    if state is not None and q.shape[2] == 1:
+        o, S = gated_delta_rule_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0], state)
+        o = o[:, :, None]
+    else:
+        o, S = gated_delta_rule_chunked(q, k, v, g, beta, self.chunk_size, initial_state=state, doc=doc)
+    return o.transpose(1, 2).to(out_dtype), S
+
+GatedDeltaNet._fla_ops, GatedDeltaNet._recurrence = _fla_ops, _recurrence
+
+# %% ../nbs/07a_delta_rule.ipynb #aa7deee6
+def _forward(self, x: torch.Tensor, positional=None, pos=None, cache: RecurrentState | None = None,
+             key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, T, dim) -> (B, T, dim). positional and pos are not read. cache: a RecurrentState holding `conv`
+    (B, conv_size - 1, conv_dim) and `state` (B, n_v_heads, head_k_dim, head_v_dim). key_mask (B, S): False at
+    padding, which leaves both unchanged. doc (B, T): packed documents, which neither the convolution nor the
+    recurrence crosses."""
+    self.check_doc(doc, cache)
+    B, T, _ = x.shape
+    q, k, v, z, b, a = self._project(x)
+    qkv = torch.cat([q, k, v], -1)                                            # (B, T, conv_dim)
+    beta, g = self._gates(b, a)
+    if (keep := self.new_tokens(key_mask, cache, T)) is not None:         # padding: no input, no write, no decay
+        qkv, beta, g = (t * keep[..., None].to(t.dtype) for t in (qkv, beta, g))
+    state = None
+    if cache is None:
+        qkv = short_conv(qkv, self.conv1d.weight, None, doc)
+    else:
+        last = cache.get("conv", lambda: qkv.new_zeros(B, self.conv_size - 1, self.conv_dim))
+        qkv, last = short_conv_step(qkv, last, self.conv1d.weight)
+        state = cache.get("state", lambda: qkv.new_zeros(B, self.n_v_heads, self.head_k_dim, self.head_v_dim,
+                                                          dtype=torch.promote_types(qkv.dtype, torch.float32)))
+    q, k, v = F.silu(qkv).split([self.key_dim, self.key_dim, self.value_dim], -1)
+    q, k = (l2norm(t.view(B, T, self.n_k_heads, self.head_k_dim)) for t in (q, k))
+    o, S = self._recurrence(q, k, v.view(B, T, self.n_v_heads, self.head_v_dim), g, beta, state, doc)
+    if cache is not None:
+        cache.advance(T, conv=last, state=S)
+    o = self.norm(o, z.view(B, T, self.n_v_heads, self.head_v_dim))           # per head
+    return self.out_proj(o.reshape(B, T, self.value_dim))
+
+GatedDeltaNet.forward = _forward

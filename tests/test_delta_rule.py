@@ -245,3 +245,72 @@ def test_documents_are_checked_and_change_the_result():
     one = torch.zeros_like(DOCS)          # a single document: the same as no doc at all, and unlike DOCS
     close(gated_delta_rule_chunked(*xs, chunk_size=4, doc=one)[0], gated_delta_rule_naive(*xs)[0], 1e-12)
     assert (gated_delta_rule_chunked(*xs, chunk_size=4, doc=DOCS)[0] - gated_delta_rule_naive(*xs)[0]).abs().max() > 1e-3
+
+
+# --- the layer: GatedDeltaNet (the mixer contract itself is tests/test_mixers.py, over conf/model/mixer) -----------
+
+from smollm.delta_rule import GatedDeltaNet  # noqa: E402
+
+
+def _hybrid(*more):
+    from smollm.config import build_model, compose
+    torch.manual_seed(0)
+    return build_model(compose(["model=tiny", "data.vocab_size=128", "model.n_layers=4", "model.init_std=0.5",
+                                "+model/mixer@model.mixers.D=gated_deltanet", "model.layer_pattern=DDDG", *more]).model)
+
+
+def test_static_state_decoding_equals_full_forward():
+    "What a compiled decoding step reads: static states (0-dim length, tensors written in place), padding in two prefills."
+    model = _hybrid().double().eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.cat([torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9]), torch.ones(2, 7, dtype=torch.long)], 1)
+    full = model(ids, key_mask=mask[:, :9])
+    cache = model.new_cache(capacity=16)
+    steps = [model(ids[:, :2], cache, key_mask=mask), model(ids[:, 2:4], cache, key_mask=mask)]
+    tensors = {n: t.data_ptr() for n, t in cache[0].tensors.items()}
+    steps += [model(ids[:, t:t + 1], cache, key_mask=mask) for t in range(4, 9)]
+    assert torch.is_tensor(cache[0].length) and int(cache[0].length) == 9
+    assert {n: t.data_ptr() for n, t in cache[0].tensors.items()} == tensors, "a static state is written in place"
+    torch.testing.assert_close(torch.cat(steps, 1)[1], full[1])
+    torch.testing.assert_close(torch.cat(steps, 1)[0, 3:], full[0, 3:])
+
+
+@pytest.mark.slow
+def test_generate_compiled_with_the_state():
+    from smollm.generate import generate
+    model = _hybrid().eval()
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert torch.equal(generate(model, ids, 8, attention_mask=mask, compile=True),
+                       generate(model, ids, 8, attention_mask=mask))
+
+
+def test_layer_shapes_heads_and_errors():
+    from smollm.config import ConfigError, compose
+    m = _hybrid().layers[0].attn          # tiny: dim 64, n_heads 4 -> 4 value heads, n_kv_heads 2 -> 2 key heads
+    assert (m.n_v_heads, m.n_k_heads, m.head_k_dim, m.head_v_dim) == (4, 2, 16, 16)
+    assert m.in_proj_qkvz.weight.shape == (2 * 32 + 2 * 64, 64) and m.conv1d.weight.shape == (128, 1, 4)
+    assert m.out_proj.residual_out and m.family == "mixer"
+    torch.manual_seed(1)
+    m = GatedDeltaNet(64, n_v_heads=256, head_k_dim=2)   # Mamba2's init: A in [1, 16], dt = softplus(dt_bias) log-uniform in [1e-3, 0.1]
+    A, dt = m.A_log.exp(), torch.nn.functional.softplus(m.dt_bias)
+    assert 1 <= A.min() < 1.5 and 15 < A.max() <= 16
+    assert 1e-3 * 0.999 <= dt.min() < 2e-3 and 0.05 < dt.max() <= 0.1 * 1.001 and 5e-3 < dt.median() < 2e-2
+    with pytest.raises(ConfigError, match="model.mixers.D.n_k_heads=3"):
+        compose(["model=tiny", "data.vocab_size=128", "+model/mixer@model.mixers.D=gated_deltanet",
+                 "model.layer_pattern=DG", "model.mixers.D.n_k_heads=3"])
+    with pytest.raises(ArgumentError, match="conv_size=1"):
+        GatedDeltaNet(16, conv_size=1)
+
+
+def test_low_precision_runs_the_recurrence_in_fp32():
+    torch.manual_seed(0)
+    m = GatedDeltaNet(16, n_v_heads=2)
+    x = torch.randn(2, 7, 16)
+    ref = m(x)
+    y = m.bfloat16()(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    cache = m.new_cache()
+    m(x[:, :3].bfloat16(), cache=cache)
+    assert cache.tensors["state"].dtype == torch.float32       # the state keeps fp32 between decoding steps
