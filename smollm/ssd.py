@@ -87,7 +87,8 @@ def _chunks(t, chunk_size: int):
 
 # %% ../nbs/07b_ssd.ipynb #cb442a7b
 def doc_starts_upto(doc):
-    "`doc (b, T)` document indices -> `(b, T)` long: how many documents start in the row after its first, up to each token."
+    """`doc (b, T)` document indices -> `(b, T)` long: how many documents start in the row after its first, up to
+    each token."""
     return F.pad((doc[:, 1:] != doc[:, :-1]).long().cumsum(1), (1, 0))
 
 # %% ../nbs/07b_ssd.ipynb #a256859a
@@ -101,7 +102,8 @@ def ssd_chunked(x, dt, A, B, C, D=None, chunk_size: int = 64, initial_state=None
     xs, Bs, Cs = _chunks(x * dt[..., None], chunk_size), _chunks(B, chunk_size), _chunks(C, chunk_size)
     a = _chunks(dt * A, chunk_size).permute(0, 3, 1, 2)                     # (b, H, c, l)
     acum = a.cumsum(-1)
-    mask, to_end, from_start, carry = torch.exp(segsum(a)), torch.exp(acum[..., -1:] - acum), torch.exp(acum), torch.exp(acum[..., -1])
+    mask, to_end = torch.exp(segsum(a)), torch.exp(acum[..., -1:] - acum)   # (b, H, c, l, s), (b, H, c, l)
+    from_start, carry = torch.exp(acum), torch.exp(acum[..., -1])            # (b, H, c, l), (b, H, c)
     if doc is not None:   # zero what crosses a document start (r: document starts so far; the tail repeats the last)
         r = doc_starts_upto(doc)
         r = torch.cat([r, r[:, -1:].expand(-1, -t % chunk_size)], 1).reshape(b, -1, chunk_size)   # (b, c, l)
