@@ -63,13 +63,16 @@ class Block(nn.Module):
 # %% ../nbs/05_model.ipynb #99e62a0e
 def init_weights_(module: nn.Module, n_layers: int, std: float = 0.02) -> None:
     """Initialise every nn.Linear and nn.Embedding in `module` in place: weights N(0, std²), biases zero, and the
-    residual output projections (those marked `residual_out`) N(0, (std / sqrt(2 * n_layers))²)."""
+    residual output projections (those marked `residual_out`) N(0, (std / sqrt(2 * n_layers))²). A submodule with
+    other weights initialises them itself: its `init_weights(std, out_std)` is called with the same two stds."""
     out_std = std / math.sqrt(2 * n_layers)
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, out_std if getattr(m, "residual_out", False) else std)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
+        elif callable(getattr(m, "init_weights", None)):
+            m.init_weights(std, out_std)
 
 # %% ../nbs/05_model.ipynb #e8e92ef6
 def count_by_family(module: nn.Module, family: str = "other", seen: set | None = None) -> Counter:
@@ -187,3 +190,14 @@ class Transformer(nn.Module):
         for part in (self.layers, self.norm, self.positional):
             counts += count_by_family(part, "other", seen)
         return dict(counts)
+
+    def param_totals(self) -> dict[str, int]:
+        """'total' parameters (a tied matrix once) and 'active' ones, those one token uses. A component that uses only
+        some of its parameters per token (a mixture of experts) says so: its `param_counts()` gives its own 'total'
+        and 'active'. Every other parameter is active."""
+        def inactive(module: nn.Module) -> int:
+            c = module.param_counts() if callable(getattr(module, "param_counts", None)) else {}
+            if "active" in c: return c["total"] - c["active"]
+            return sum(inactive(child) for child in module.children())
+        total = self.num_params()
+        return {"total": total, "active": total - sum(inactive(child) for child in self.children())}

@@ -168,15 +168,16 @@ def ssd_fla(x, dt, A, B, C, D=None, initial_state=None, doc=None):
 def ssd_auto(x, dt, A, B, C, D=None, state=None, doc=None, chunk_size: int = 64, impl: str = "auto"):
     """SSD in the form that suits the call, on x (b, T, H, P), dt (b, T, H), A (H,), B, C (b, T, G, N), D (H,),
     state (b, H, P, N) or None, doc (b, T) or None: `ssd_step` for one decoding token (a state and T = 1);
-    `ssd_fla` on CUDA tensors unless impl='torch' (when the extra fla is installed; impl='triton' requires it);
-    `ssd_chunked` otherwise. Computed in at least float32; returns (y in x's dtype, the state)."""
+    `ssd_fla` on CUDA tensors with P and N at least 16, unless impl='torch' (when the extra fla is installed;
+    impl='triton' requires it); `ssd_chunked` otherwise. Computed in at least float32; returns (y in x's dtype, the state)."""
     ct = torch.promote_types(x.dtype, torch.float32)
     xs, dt, A, B, C = x.to(ct), dt.to(ct), A.to(ct), B.to(ct), C.to(ct)
     D = None if D is None else D.to(ct)
     if state is not None and x.shape[1] == 1:
         y, state = ssd_step(xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, state)
         return y[:, None].to(x.dtype), state
-    if x.is_cuda and impl != "torch" and (impl == "triton" or fla_available()):
+    wide = min(x.shape[-1], B.shape[-1]) >= 16        # fla's kernels work in blocks of 16 or more
+    if x.is_cuda and wide and impl != "torch" and (impl == "triton" or fla_available()):
         y, state = ssd_fla(xs, dt, A, B, C, D, initial_state=state, doc=doc)
     else:
         y, state = ssd_chunked(xs, dt, A, B, C, D, chunk_size=chunk_size, initial_state=state, doc=doc)

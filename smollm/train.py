@@ -26,10 +26,11 @@ from .runs import (METRIC_COLUMNS, MetricsLog, latest_checkpoint, load_checkpoin
 
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'LAUNCHER_PLUGINS', 'decay_groups', 'adamw', 'Optimizers', 'muon', 'Cosine', 'WSD', 'Constant',
-           'flops_per_token', 'peak_flops', 'autocast', 'target_shares', 'accumulate', 'evaluate', 'plot_metrics',
-           'TrainRun', 'per_rank_batch', 'init_model_config', 'with_init_from', 'training_block', 'initial_model',
-           'set_up', 'resume', 'open_run', 'TrainingError', 'train_step', 'score', 'evaluation', 'log_metrics',
-           'checkpoint', 'vs_unigram', 'final_line', 'finish', 'write_samples', 'train', 'check_launcher', 'main']
+           'param_totals', 'flops_per_token', 'peak_flops', 'autocast', 'target_shares', 'accumulate', 'evaluate',
+           'plot_metrics', 'TrainRun', 'per_rank_batch', 'init_model_config', 'with_init_from', 'training_block',
+           'initial_model', 'set_up', 'resume', 'open_run', 'TrainingError', 'train_step', 'score', 'evaluation',
+           'log_metrics', 'checkpoint', 'vs_unigram', 'final_line', 'finish', 'write_samples', 'train',
+           'check_launcher', 'main']
 
 # %% ../nbs/21_train.ipynb #82800202
 def _table_params(model: nn.Module) -> set[int]:
@@ -157,10 +158,18 @@ class Constant:
         return _warmup(step, self.warmup_steps)
 
 # %% ../nbs/21_train.ipynb #fa089ed6
+def param_totals(model: nn.Module) -> dict[str, int]:
+    "{'total', 'active'} parameters of `model`: its own `param_totals()` when it has one, else all of them active."
+    if callable(getattr(model, "param_totals", None)): return model.param_totals()
+    n = sum(p.numel() for p in model.parameters())
+    return {"total": n, "active": n}
+
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    "Training FLOPs per token of `model` at context `seq_len`: 6 N (N without embedding tables) + attention."
+    """Training FLOPs per token of `model` at context `seq_len`: 6 N + attention, N the active parameters (those one
+    token uses: a mixture of experts' chosen experts only, `param_totals`) without embedding tables."""
     tables = _table_params(model)
-    n = sum(p.numel() for p in model.parameters() if id(p) not in tables)
+    counts = param_totals(model)
+    n = sum(p.numel() for p in model.parameters() if id(p) not in tables) - (counts["total"] - counts["active"])
     if getattr(model, "lm_head", None) is not None and id(model.lm_head.weight) in tables:
         n += model.lm_head.weight.numel()      # a tied head is still a matrix product
     attn = 0
@@ -527,9 +536,14 @@ def _where(run: TrainRun) -> str:
     return (f"{e.world_size} process(es) ({run.strategy} over {e.backend}, {run.device.type}; {tc.batch_size} "
             f"sequences x {tc.grad_accum} micro-batch(es) per process)")
 
+def _params(model: nn.Module) -> dict[str, int]:
+    "run.json's parameter counts: `params` (all), and `active_params` (one token's) when fewer (a mixture of experts)."
+    c = param_totals(model)
+    return {"params": c["total"], **({"active_params": c["active"]} if c["active"] != c["total"] else {})}
+
 def open_run(run: TrainRun):
     """On rank 0: write config.yaml, the tokenizer, metrics.csv (keeping the rows up to a resumed step) and run.json
-    (status 'running') into the run folder, and print the run's opening line (after what smollm chose, if anything)."""
+    (status 'running'; `params`, and `active_params` when a token uses fewer) into the run folder, and print the run's opening line (after what smollm chose, if anything)."""
     tc, src, T = run.tc, run.source, run.block
     if not run.env.is_main: return
     save_config(run.cfg, run.run_dir)
@@ -538,12 +552,13 @@ def open_run(run: TrainRun):
                + list(metric_columns(run.model)))
     run.log = MetricsLog(run.run_dir / "metrics.csv", columns,
                          keep_until=run.start if run.resumed_from is not None else None)
-    n_params = run.model.num_params()
-    update_run_json(run.run_dir, status="running", step=run.start, max_steps=tc.max_steps, params=n_params,
+    counts = _params(run.model)
+    update_run_json(run.run_dir, status="running", step=run.start, max_steps=tc.max_steps, **counts,
                     metric=src.metric, data=src.describe(), flops_per_token=run.flops, parallel=run.strategy,
                     world_size=run.env.world_size)
     if run.note: print(f"smollm-train: {run.note}", flush=True)
-    print(f"smollm-train: {run.cfg.model.name}, {n_params:,} parameters, {src.describe()}; "
+    active = f" ({counts['active_params']:,} active per token)" if "active_params" in counts else ""
+    print(f"smollm-train: {run.cfg.model.name}, {counts['params']:,} parameters{active}, {src.describe()}; "
           f"{tc.max_steps} steps of {run.global_batch} x {T} tokens on {_where(run)}; run dir {run.run_dir}"
           + (f"; resumed from {run.resumed_from.name}" if run.resumed_from is not None else ""), flush=True)
 
@@ -670,7 +685,7 @@ def finish(run: TrainRun, t_start: float) -> dict:
     if run.eval_step != run.step:      # e.g. a resumed run that had already finished
         run.last_eval = evaluation(run)
     steady_tokens, (steady,) = (run.step - run.start - 1) * run.tokens_per_step, mean_over_ranks(run.t_steady)
-    summary = dict(status="done", step=run.step, tokens=run.tokens, params=run.model.num_params(), metric=src.metric,
+    summary = dict(status="done", step=run.step, tokens=run.tokens, **_params(run.model), metric=src.metric,
                    unigram_loss=unigram, train_seconds=run.t_train,
                    tokens_per_s=steady_tokens / steady if steady else None, **run.last_eval)
     if main:

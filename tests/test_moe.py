@@ -244,3 +244,29 @@ def _rank_worker(rank, world, port, q):
         q.put((rank, {"counts": counts, "bias": m.expert_bias.tolist()}))
     finally:
         dist.destroy_process_group()
+
+
+def test_model_init_reaches_the_stacked_experts():
+    "The model's init_std, and its depth scaling for residual outputs, reach the (n_experts, ...) weights."
+    torch.manual_seed(0)
+    cfg = compose([*TINY, "model.dim=128", "model.n_layers=8", "model.init_std=0.05", "model.mlp.n_experts=8"])
+    model = build_model(cfg.model)
+    moe = model.layers[3].mlp
+    assert moe.gate_up_proj.shape[0] == 8
+    assert moe.gate_up_proj.std().item() == pytest.approx(0.05, rel=0.02)
+    assert moe.down_proj.std().item() == pytest.approx(0.05 / math.sqrt(2 * 8), rel=0.03)
+    assert moe.router.weight.std().item() == pytest.approx(0.05, rel=0.1)
+    dense = model.layers[3].attn.o_proj.weight.std().item()          # the same rule as the dense residual outputs
+    assert moe.down_proj.std().item() == pytest.approx(dense, rel=0.1)
+
+
+def test_model_reports_active_parameters():
+    model = build_model(compose([*TINY, "model.mlp.n_experts=8", "model.mlp.top_k=2", "model.mlp.n_shared=1"]).model)
+    totals = model.param_totals()
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    assert totals["total"] == model.num_params()
+    idle = sum(m.param_counts()["total"] - m.param_counts()["active"] for m in moes)
+    assert idle == len(moes) * (8 - 2) * 3 * model.dim * moes[0].expert_hidden
+    assert totals["active"] == totals["total"] - idle
+    dense = build_model(compose(["model=tiny", "data.vocab_size=128"]).model).param_totals()
+    assert dense["active"] == dense["total"]

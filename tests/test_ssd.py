@@ -284,15 +284,19 @@ def test_fla_kernel_equals_naive_forward_and_backward(packed):
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()), reason="needs CUDA and the extra fla")
-def test_fla_mamba2_module_on_cuda_equals_torch_form():
-    m = _ours().float().cuda()
-    h = torch.randn(2, 70, 16, device="cuda")
+def test_fla_mamba2_module_on_cuda_equals_torch_form(monkeypatch):
+    calls = []
+    monkeypatch.setattr(smollm.ssd, "ssd_fla", lambda *a, **k: calls.append(1) or ssd_fla(*a, **k))
+    torch.manual_seed(0)
+    m = Mamba2(32, d_state=16, head_dim=16, n_groups=2, chunk_size=16).cuda()     # heads 16 wide: fla's kernel
+    h = torch.randn(2, 70, 32, device="cuda")
     doc = torch.tensor([[0] * 30 + [1] * 40, [0] * 70], device="cuda")
     for d in (None, doc):
         m.impl = "auto"
         y = m(h, doc=d)
         m.impl = "torch"
         assert _rel(y, m(h, doc=d)) < 5e-3
+    assert len(calls) == 2
 
 
 def _ours(**kw):

@@ -337,6 +337,8 @@ def test_moe_trains_on_text_logs_router_columns_and_resumes_exactly(tmp_path):
         assert r["load_max"] >= 1 >= r["load_min"] >= 0 and r["load_cv"] >= 0
         assert 0 < r["router_entropy"] <= math.log(4) + 1e-6
     assert rows[0]["train_loss"] > 4                                 # the token loss alone, near log(300) at the start
+    info = json.loads((tmp_path / "straight" / "run.json").read_text())
+    assert info["active_params"] < info["params"]
     # stopped at step 4 and resumed: the same rows (router columns included) and the same weights and biases
     train(cfg, tmp_path / "resumed", stop_at=4)
     train(text_cfg(tmp_path, *MOE, "trainer.ckpt_every=3", "trainer.grad_accum=2", "trainer.resume=true"),
@@ -350,3 +352,4 @@ def test_moe_trains_on_text_logs_router_columns_and_resumes_exactly(tmp_path):
 def test_dense_run_has_no_router_columns(tmp_path):
     train(cfg_of("trainer.max_steps=2"), tmp_path)
     assert "aux_loss" not in read_metrics(tmp_path / "metrics.csv")[0]
+    assert "active_params" not in json.loads((tmp_path / "run.json").read_text())
