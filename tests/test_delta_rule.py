@@ -314,3 +314,68 @@ def test_low_precision_runs_the_recurrence_in_fp32():
     cache = m.new_cache()
     m(x[:, :3].bfloat16(), cache=cache)
     assert cache.tensors["state"].dtype == torch.float32       # the state keeps fp32 between decoding steps
+
+
+# --- the layer against transformers' Qwen3NextGatedDeltaNet (its torch path) on the same weights ------------------
+
+def _qwen3_next(dtype, monkeypatch):
+    """transformers' Qwen3NextGatedDeltaNet (4 value heads, 2 key heads, d_k 8, d_v 6, dim 32) and ours, built with
+    the same (random) weights: load_state_dict with no key renamed. The module-level ops are unwrapped to the torch
+    fallbacks (with flash-linear-attention installed transformers would run its Triton kernels)."""
+    qn = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+    from transformers import Qwen3NextConfig
+    for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
+                 "causal_conv1d_update"):
+        monkeypatch.setattr(qn, name, inspect.unwrap(getattr(qn, name)))
+    cfg = Qwen3NextConfig(hidden_size=32, linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8,
+                          linear_value_head_dim=6, linear_conv_kernel_dim=4, num_hidden_layers=1, vocab_size=32,
+                          layer_types=["linear_attention"], rms_norm_eps=1e-6, hidden_act="silu")
+    torch.manual_seed(0)
+    theirs = qn.Qwen3NextGatedDeltaNet(cfg, 0).to(dtype)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.3)
+    ours = GatedDeltaNet(32, n_v_heads=4, n_k_heads=2, head_k_dim=8, head_v_dim=6, conv_size=4, chunk_size=4).to(dtype)
+    ours.load_state_dict(theirs.state_dict())             # the same names and shapes: the from_hf map is the identity
+    return qn, cfg, theirs, ours
+
+
+HF_TOL = {torch.float32: 1e-5, torch.float64: 1e-5}     # transformers computes the recurrence and the norm in fp32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_transformers_qwen3_next_layer_prefill(dtype, monkeypatch):
+    _, cfg, theirs, ours = _qwen3_next(dtype, monkeypatch)
+    x = torch.randn(2, 13, 32, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[0, :3] = 0                                           # a left-padded row
+    with torch.no_grad():
+        close(ours(x), theirs(x), HF_TOL[dtype])
+        close(ours(x, key_mask=mask)[0, 3:], theirs(x, attention_mask=mask)[0, 3:], HF_TOL[dtype])
+        fresh = type(theirs)(cfg, 0).to(dtype)      # and the other way: our weights into transformers'
+        fresh.load_state_dict(ours.state_dict())
+        close(fresh(x), ours(x), HF_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_transformers_qwen3_next_layer_decoding(dtype, monkeypatch):
+    from transformers import DynamicCache
+    _, cfg, theirs, ours = _qwen3_next(dtype, monkeypatch)
+    x = torch.randn(2, 9, 32, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    hf_cache, state = DynamicCache(config=cfg), ours.new_cache()
+    with torch.no_grad():
+        hf = [theirs(x[:, :5], cache=hf_cache)] + [theirs(x[:, t:t + 1], cache=hf_cache) for t in range(5, 9)]
+        mine = [ours(x[:, :5], cache=state)] + [ours(x[:, t:t + 1], cache=state) for t in range(5, 9)]
+        close(torch.cat(mine, 1), torch.cat(hf, 1), HF_TOL[dtype])
+        close(state.tensors["state"].to(dtype), hf_cache.get_recurrent_state(0).to(dtype), HF_TOL[dtype])
+
+
+def test_transformers_layer_comparison_can_fail(monkeypatch):
+    "The planted bug: q and k swapped inside in_proj_qkvz's first group must break the agreement."
+    _, _, theirs, ours = _qwen3_next(torch.float64, monkeypatch)
+    with torch.no_grad():
+        w = ours.in_proj_qkvz.weight
+        w[:16] = torch.cat([w[8:16], w[:8]]).clone()
+        x = torch.randn(2, 13, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        with pytest.raises(AssertionError):
+            close(ours(x), theirs(x), HF_TOL[torch.float64])
