@@ -17,7 +17,7 @@ from .norms import RMSNorm
 __all__ = ['CAPABILITIES', 'BACKENDS', 'GrowingCache', 'StaticCache', 'visible', 'visible_keys', 'padding_bias', 'document_mask',
            'Backend', 'supporting', 'cannot', 'refuse', 'bias_need', 'bias_and_visible', 'SDPA', 'Eager', 'Fused',
            'attend', 'capability_table', 'kernel_table', 'SelfAttention', 'Attention', 'MLA', 'diff_lambda_init',
-           'DiffAttention']
+           'DiffAttention', 'FirstValues']
 
 # %% ../nbs/03_attention.ipynb #a174104b
 class GrowingCache:
@@ -347,7 +347,8 @@ class SelfAttention(nn.Module):
     read by the model: new_cache(capacity), check_positional(positional), refusal(option), place(index,
     attention_index) (where the layer sits), impl (set from the model's `kernels:`), and `residual_out = True`
     on output projections that add to the residual stream (scaled down at init). forward takes doc (B, T), a
-    packed row's document indices, checked by check_doc."""
+    packed row's document indices, checked by check_doc. value_residual: the layer's values join the first
+    attention layer's (`mix_values`), learnably, in every attention layer after the first."""
     family = "attention"
     impl = "auto"      # the fused op's implementation: 'auto', 'torch' or 'triton'
     cache_axis = 2     # the sequence axis of the tensors the layer caches
@@ -355,7 +356,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
                  window: int | None = None, softcap: float | None = None, sinks: bool = False,
-                 backend: str = "sdpa"):
+                 backend: str = "sdpa", value_residual: bool = False):
         super().__init__()
         n_kv_heads = n_kv_heads or n_heads
         check(isinstance(n_heads, int) and n_heads >= 1, "n_heads", n_heads, "a positive integer")
@@ -371,10 +372,26 @@ class SelfAttention(nn.Module):
             refuse(backend, lacking[0], arg=lacking[0], value=options[lacking[0]])
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim or dim // n_heads
         self.window, self.softcap, self.backend = window, softcap, backend
+        self.value_residual, self.value_lambdas = value_residual, None   # value_lambdas: made by `place`
 
     def place(self, index: int, attention_index: int) -> None:
         "Where the model puts this layer: `index` among all its layers, `attention_index` among its attention layers."
         self.layer_index = index
+        if self.value_residual:   # the first attention layer gives its values; each later one mixes them in
+            w = next(self.parameters())
+            self.value_lambdas = (nn.Parameter(torch.full((2,), 0.5, device=w.device, dtype=w.dtype))
+                                  if attention_index > 0 else None)
+
+    def mix_values(self, v: torch.Tensor, values: FirstValues | None) -> torch.Tensor:
+        """Value residual learning: the values v (B, Hkv, T, d) of this call's tokens -> the values to attend over.
+        Without `values`, v. In the first attention layer (no value_lambdas), v, which it leaves in values.v;
+        in a later one, λ1 v + λ2 values.v with the learned value_lambdas (λ1, λ2)."""
+        if values is None:
+            return v
+        if self.value_lambdas is None:
+            values.v = v
+            return v
+        return self.value_lambdas[0] * v + self.value_lambdas[1] * values.v
 
     def needs(self, positional=None) -> set[str]:
         "The capabilities (keys of CAPABILITIES) this layer uses; with `positional`, what its score bias needs too."
@@ -410,12 +427,13 @@ class SelfAttention(nn.Module):
 class Attention(SelfAttention):
     """Causal self-attention with n_heads query heads sharing n_kv_heads key/value heads, and optional extras:
     qkv_bias, qk_norm (a `norm` over head_dim on q and k; `norm` is a callable dim -> module), softcap, output_gate
-    (sigmoid(W_g x) on the output), sinks (a learned logit per head). See SelfAttention for the rest."""
+    (sigmoid(W_g x) on the output), sinks (a learned logit per head), value_residual (value residual learning).
+    See SelfAttention for the rest."""
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
                  window: int | None = None, qkv_bias: bool = False, qk_norm: bool = False,
                  softcap: float | None = None, output_gate: bool = False, sinks: bool = False,
-                 backend: str = "sdpa", norm: Callable[[int], nn.Module] = RMSNorm):
-        super().__init__(dim, n_heads, n_kv_heads, head_dim, window, softcap, sinks, backend)
+                 backend: str = "sdpa", norm: Callable[[int], nn.Module] = RMSNorm, value_residual: bool = False):
+        super().__init__(dim, n_heads, n_kv_heads, head_dim, window, softcap, sinks, backend, value_residual)
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         self.q_proj = nn.Linear(dim, H * hd, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, Hkv * hd, bias=qkv_bias)
@@ -427,13 +445,15 @@ class Attention(SelfAttention):
         self.sinks = nn.Parameter(torch.zeros(H)) if sinks else None
 
     def forward(self, x: torch.Tensor, positional, pos: torch.Tensor, cache: GrowingCache | StaticCache | None = None,
-                key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None):
+                key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None, values: FirstValues | None = None):
         """x (B, T, dim) at positions pos (T,) -> (B, T, dim). key_mask (B, S): False for keys to ignore (padding).
-        doc (B, T): each token's document index in a packed row, which attention does not cross; pos is then (B, T)."""
+        doc (B, T): each token's document index in a packed row, which attention does not cross; pos is then (B, T).
+        values: the first attention layer's values, for value residual learning (`mix_values`)."""
         self.check_doc(doc, cache)
         B, T, _ = x.shape
         heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)            # (B, T, h*hd) -> (B, h, T, hd)
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        v = self.mix_values(v, values)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = positional.rotate(q, k, pos)
@@ -458,7 +478,9 @@ class MLA(SelfAttention):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
                  kv_lora_rank: int | None = None, q_lora_rank: int | None = None,
                  qk_rope_head_dim: int | None = None, window: int | None = None, softcap: float | None = None,
-                 backend: str = "sdpa", norm: Callable[[int], nn.Module] = RMSNorm):
+                 backend: str = "sdpa", norm: Callable[[int], nn.Module] = RMSNorm, value_residual: bool = False):
+        check(not value_residual, "value_residual", value_residual, "False: MLA's values are decompressed from the "
+              "cached latent at every step, so there are no first-layer values to mix in (use gqa or mha)")
         check(n_kv_heads in (None, n_heads), "n_kv_heads", n_kv_heads, f"None or n_heads={n_heads}: MLA gives every "
               "head its own keys and values (from the shared latent)")
         super().__init__(dim, n_heads, n_heads, head_dim, window, softcap, False, backend)
@@ -513,11 +535,12 @@ class DiffAttention(SelfAttention):
     softmax maps, softmax(q1 k1) - λ softmax(q2 k2), over a value of 2 * head_dim, then `norm` (a callable
     dim -> module) over each head's output, times 1 - λ_init. n_heads and n_kv_heads (both even) count the
     softmax maps, so the parameters are Attention(dim, n_heads, n_kv_heads)'s plus 4 * head_dim for λ and the
-    head norm. λ_init follows the layer's index (`place`). window, softcap, backend: as for Attention."""
+    head norm. λ_init follows the layer's index (`place`). window, softcap, backend, value_residual (the values
+    of 2 * head_dim): as for Attention."""
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
                  window: int | None = None, softcap: float | None = None, backend: str = "sdpa",
-                 norm: Callable[[int], nn.Module] = RMSNorm):
-        super().__init__(dim, n_heads, n_kv_heads, head_dim, window, softcap, False, backend)
+                 norm: Callable[[int], nn.Module] = RMSNorm, value_residual: bool = False):
+        super().__init__(dim, n_heads, n_kv_heads, head_dim, window, softcap, False, backend, value_residual)
         for arg, n in (("n_heads", self.n_heads), ("n_kv_heads", self.n_kv_heads)):
             check(n % 2 == 0, arg, n, "an even number: two softmax maps make one differential head")
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
@@ -540,14 +563,15 @@ class DiffAttention(SelfAttention):
                 + self.lambda_init)
 
     def forward(self, x: torch.Tensor, positional, pos: torch.Tensor, cache: GrowingCache | StaticCache | None = None,
-                key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None):
+                key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None, values: FirstValues | None = None):
         """x (B, T, dim) at positions pos (T,) -> (B, T, dim). key_mask (B, S): False for keys to ignore (padding).
-        doc (B, T): each token's document index in a packed row, which attention does not cross; pos is then (B, T)."""
+        doc (B, T): each token's document index in a packed row, which attention does not cross; pos is then (B, T).
+        values: the first attention layer's values, for value residual learning (`mix_values`)."""
         self.check_doc(doc, cache)
         (B, T, _), H, hd = x.shape, self.n_heads // 2, self.head_dim
         maps = lambda t: t.view(B, T, 2, -1, hd).flatten(2, 3).transpose(1, 2)    # (B, 2h, T, hd): map 1s, map 2s
         q, k = maps(self.q_proj(x)), maps(self.k_proj(x))
-        v = self.v_proj(x).view(B, T, -1, 2 * hd).transpose(1, 2)                # (B, Hkv/2, T, 2hd)
+        v = self.mix_values(self.v_proj(x).view(B, T, -1, 2 * hd).transpose(1, 2), values)   # (B, Hkv/2, T, 2hd)
         q, k = positional.rotate(q, k, pos)
         key_pos = None
         if cache is not None:
@@ -558,3 +582,10 @@ class DiffAttention(SelfAttention):
         y = y[:, :H] - self.diff_lambda().to(y.dtype) * y[:, H:]                # (B, H, T, 2hd)
         y = self.head_norm(y) * (1 - self.lambda_init)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * 2 * hd))
+
+# %% ../nbs/03_attention.ipynb #a19891e5
+class FirstValues:
+    """What value residual learning carries through one forward: `v`, the values of the model's first attention
+    layer for this call's tokens (B, Hkv, T, d), left there by that layer (None before it runs)."""
+    def __init__(self):
+        self.v = None

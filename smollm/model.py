@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from .errors import check
+from .attention import FirstValues
 from .kernels import linear_cross_entropy
 from .positional import NoPE, doc_positions
 
@@ -39,10 +40,13 @@ class Block(nn.Module):
         if placement == "sandwich":
             self.attn_post_norm, self.mlp_post_norm = norm(), (norm() if self.has_mlp else None)
 
-    def forward(self, x, positional, pos, cache=None, key_mask=None, doc=None):
-        "x (B, T, dim) -> (B, T, dim); `positional`, `pos`, `cache`, `key_mask` and `doc` go to the attention layer."
-        packed = {} if doc is None else {"doc": doc}   # unpacked, a layer is called as it always was
-        attn = lambda h: self.attn(h, positional, pos, cache, key_mask=key_mask, **packed)
+    def forward(self, x, positional, pos, cache=None, key_mask=None, doc=None, values=None):
+        """x (B, T, dim) -> (B, T, dim); `positional`, `pos`, `cache`, `key_mask`, `doc` and `values` (value residual
+        learning's FirstValues) go to the attention layer."""
+        extra = {} if doc is None else {"doc": doc}   # unpacked, a layer is called as it always was
+        if values is not None:
+            extra["values"] = values
+        attn = lambda h: self.attn(h, positional, pos, cache, key_mask=key_mask, **extra)
         if self.parallel:
             h = self.attn_norm(x)
             return x + attn(h) + self.mlp(h) if self.has_mlp else x + attn(h)
@@ -105,6 +109,7 @@ class Transformer(nn.Module):
         attention = [i for i, blk in enumerate(self.layers) if blk.attn.family == "attention"]
         for n, i in enumerate(attention):   # what depends on depth (DiffAttention's lambda_init) is set here
             self.layers[i].attn.place(i, n)
+        self.value_layers = frozenset(i for i in attention if self.layers[i].attn.value_residual)
         self.norm, self.positional = norm, positional
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)
         if tie_embeddings:
@@ -155,8 +160,10 @@ class Transformer(nn.Module):
                   f"document indices of input_ids' shape {(B, T)}")
             pos = doc_positions(doc)                                     # (B, T)
         x = self.positional.embed(self.embed(input_ids), pos)
+        values = FirstValues() if self.value_layers else None   # value residual learning: the first layer's values
         for i, blk in enumerate(self.layers):
-            x = blk(x, self.layer_positional(i), pos, None if cache is None else cache[i], key_mask, doc)
+            x = blk(x, self.layer_positional(i), pos, None if cache is None else cache[i], key_mask, doc,
+                    values if i in self.value_layers else None)
         return self.norm(x)
 
     def forward(self, input_ids: torch.Tensor, cache: list | None = None,

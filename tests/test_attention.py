@@ -38,6 +38,8 @@ EXTRA = {
     "qk_norm_dyt": ("model/attention=qk_norm", "+model/norm@model.attention.norm=dyt"),
     "mla_latent_layernorm": ("model/attention=mla", "model.attention.q_lora_rank=24",
                              "+model/norm@model.attention.norm=layernorm"),
+    "value_residual": ("model/attention=gqa", "model.value_residual=true", "model.n_layers=3"),
+    "differential_value_residual": ("model/attention=differential", "model.value_residual=true"),
 }
 ATTN.update(EXTRA)
 POS = options("model/positional")

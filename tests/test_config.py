@@ -104,6 +104,7 @@ def test_param_counts_follow_the_owning_module():
     (["model/attention=softcap", "model.attention.backend=sdpa"], "model.attention.softcap=50.0"),
     (["model/attention=sinks", "model.attention.backend=fused"], "model.attention.sinks=True"),
     (["model/attention=differential", "model.n_kv_heads=1"], "model.n_kv_heads=1 is not valid: an even number"),
+    (["model/attention=mla", "model.value_residual=true"], "model.value_residual=True is not valid: False"),
     (["model=tinyllama_1b", "data.vocab_size=40000"], "model.vocab_size=32000"),
     (["model/norm=batchnorm"], "model/norm='batchnorm'"),
     (["model=tinyllama_7b"], "model='tinyllama_7b'"),

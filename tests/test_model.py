@@ -153,3 +153,83 @@ def test_rmsnorm_gradient_matches_the_formula(impl):
     n(xf).pow(3).sum().backward()
     (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)).pow(3).sum().backward()
     torch.testing.assert_close(xf.grad.double(), x.grad, rtol=1e-3, atol=1e-3 * x.grad.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------- value residual learning
+
+def tiny_model(*overrides, seed=0):
+    torch.manual_seed(seed)
+    return build_model(compose(["model=tiny", "data.vocab_size=128", *overrides]).model).eval()
+
+
+def test_value_residual_off_is_the_plain_model_bit_for_bit():
+    off, on = tiny_model(), tiny_model("model.value_residual=true")
+    assert off.value_layers == frozenset() and on.value_layers == {0, 1}
+    assert not any("value_lambdas" in k for k in off.state_dict())
+    assert [k for k in on.state_dict() if "value_lambdas" in k] == ["layers.1.attn.value_lambdas"]
+    on.load_state_dict(off.state_dict(), strict=False)
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        on.layers[1].attn.value_lambdas.copy_(torch.tensor([1.0, 0.0]))   # λ1 V + 0 V_1 is V exactly
+        assert torch.equal(on(x), off(x))
+        on.layers[1].attn.value_lambdas.copy_(torch.tensor([1.0, 0.5]))
+        assert (on(x) - off(x)).abs().max() > 1e-3
+
+
+def attention_by_hand(a, h, v, rope, pos):
+    "Causal GQA of layer a on h (B, T, dim) with the given values v (B, T, Hkv * hd): explicit softmax, RoPE."
+    B, T, _ = h.shape
+    H, Hkv, hd = a.n_heads, a.n_kv_heads, a.head_dim
+    q = a.q_proj(h).view(B, T, H, hd).transpose(1, 2)
+    k = a.k_proj(h).view(B, T, Hkv, hd).transpose(1, 2)
+    q, k = rope.rotate(q, k, pos)
+    k = k.repeat_interleave(H // Hkv, 1)
+    v = v.view(B, T, Hkv, hd).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+    s = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf"))
+    return a.o_proj((s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * hd))
+
+
+def test_value_residual_mixes_the_first_layers_values():
+    # three layers, pre-norm: every layer after the first attends over λ1 V_n + λ2 V_1, V_1 the first layer's values
+    m = tiny_model("model.value_residual=true", "model.n_layers=3")
+    with torch.no_grad():
+        m.layers[1].attn.value_lambdas.copy_(torch.tensor([0.7, 1.9]))
+        m.layers[2].attn.value_lambdas.copy_(torch.tensor([-0.4, 1.3]))
+    x, pos = torch.randint(0, 128, (2, 9)), torch.arange(9)
+    with torch.no_grad():
+        h = m.embed(x)
+        v1 = None
+        for blk in m.layers:
+            a, n = blk.attn, blk.attn_norm(h)
+            v = a.v_proj(n)
+            if v1 is None:
+                v1 = v
+            else:
+                l1, l2 = a.value_lambdas.tolist()
+                v = l1 * v + l2 * v1
+            h = h + attention_by_hand(a, n, v, m.positional, pos)
+            h = h + blk.mlp(blk.mlp_norm(h))
+        torch.testing.assert_close(m(x), m.lm_head(m.norm(h)), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", ["GCG", "CGG"])
+def test_value_residual_in_a_hybrid_decodes_as_the_full_forward(pattern):
+    # the first attention layer gives the values wherever it sits; mixers pass them by; left padding, a cache
+    m = tiny_model("model.value_residual=true", "model.n_layers=3", f"model.layer_pattern={pattern}")
+    first = pattern.index("G")
+    assert m.value_layers == {i for i, c in enumerate(pattern) if c == "G"}
+    assert [m.layers[i].attn.value_lambdas is None for i in sorted(m.value_layers)] == [True, False]
+    x = torch.randint(1, 128, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, :3] = False
+    with torch.no_grad():
+        full = m(x, key_mask=mask)
+        cache = m.new_cache()
+        steps = [m(x[:, :4], cache, key_mask=mask[:, :4])]
+        steps += [m(x[:, t:t + 1], cache, key_mask=mask[:, :t + 1]) for t in range(4, 10)]
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+    m.train()
+    loss = m.loss(x[:, :-1], x[:, 1:])
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    assert first in m.value_layers

@@ -26,6 +26,7 @@ ATTN.update({
     "all_options": ("model/attention=gqa", "model.attention.qkv_bias=true", "model.attention.qk_norm=true",
                     "model.attention.output_gate=true", "model.attention.sinks=true", "++model.attention.window=4"),
     "pattern_SN": ("model/attention=sinks", "++model.attention.window=3", "model.layer_pattern=SN"),
+    "value_residual": ("model/attention=gqa", "model.value_residual=true"),
     "mla_q_lora_window": ("model/attention=mla", "model.attention.q_lora_rank=24", "model.attention.kv_lora_rank=16",
                           "model.attention.window=4"),
 })
