@@ -7,8 +7,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,  # noqa: E402
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Lfm2Config,  # noqa: E402
+                          Lfm2ForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          OlmoeConfig, OlmoeForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
 
 from smollm.config import compose  # noqa: E402
 from smollm.hf import CheckpointError, from_hf, load_tokenizer, to_hf  # noqa: E402
@@ -16,7 +18,7 @@ from smollm.config import build_model  # noqa: E402
 
 V = 128
 SIZE = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1)
+            max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1, pad_token_id=None)
 
 
 def hf_checkpoint(path, cls, config_cls, **kw):
@@ -195,7 +197,10 @@ NO_HF = {   # overrides -> the component the error must name
     "model/attention=softcap": "attn.softcap",
     "model/attention=sinks": "attn.sinks",
     "model.placement=post": "placement='post'",
-    "model.layer_pattern=GN": "NoPE layers [1]",
+    "model.layer_pattern=GN model/attention=qk_norm": "NoPE layers with QK-norm",
+    "model/mlp=moe model.mlp.n_shared=1": "mlp.n_shared: 1",
+    "model/mlp=moe model.mlp.norm_topk=false": "mlp.norm_topk: False",
+    "model.layer_pattern=CG": "short convolutions with attention without QK-norm",
     "model.positional.fraction=0.5": "positional.fraction: 0.5",
 }
 
@@ -207,6 +212,115 @@ def test_to_hf_refuses(tmp_path, override):
         to_hf(model, tmp_path)
     assert NO_HF[override] in str(e.value)
     assert not (tmp_path / "config.json").exists()
+
+
+# --- issue 13's families: experts (Mixtral, Qwen3-MoE), a conv/attention hybrid (LFM2), NoPE layers (SmolLM3)
+
+MOE = dict(num_key_value_heads=2, num_experts_per_tok=2)
+FAMILY_CASES = {   # name -> (model class, config class, config fields)
+    "mixtral": (MixtralForCausalLM, MixtralConfig, MOE | dict(num_local_experts=4, intermediate_size=32)),
+    "mixtral_window_tied": (MixtralForCausalLM, MixtralConfig, MOE | dict(
+        num_local_experts=4, intermediate_size=32, sliding_window=8, tie_word_embeddings=True)),
+    "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig, MOE | dict(num_experts=4, moe_intermediate_size=32, head_dim=32)),
+    "qwen3_moe_norm_topk": (Qwen3MoeForCausalLM, Qwen3MoeConfig, MOE | dict(
+        num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, norm_topk_prob=True)),
+    "lfm2": (Lfm2ForCausalLM, Lfm2Config, dict(num_key_value_heads=2, num_hidden_layers=4, norm_eps=1e-5,
+                                                layer_types=["conv", "conv", "full_attention", "conv"], block_multiple_of=16)),
+    "lfm2_bias_kernel": (Lfm2ForCausalLM, Lfm2Config, dict(
+        num_key_value_heads=2, layer_types=["conv", "full_attention"], conv_bias=True, conv_L_cache=4,
+        block_auto_adjust_ff_dim=False, tie_word_embeddings=False)),
+    "smollm3": (SmolLM3ForCausalLM, SmolLM3Config, dict(num_key_value_heads=2, num_hidden_layers=4)),
+    "smollm3_window": (SmolLM3ForCausalLM, SmolLM3Config, dict(
+        num_key_value_heads=2, num_hidden_layers=4, use_sliding_window=True, sliding_window=8, mlp_bias=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])),
+}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_CASES))
+def test_family_parity(tmp_path, case):
+    "transformers writes a tiny random checkpoint; from_hf reads it with its logits; to_hf writes it back, and both agree."
+    cls, config_cls, kw = FAMILY_CASES[case]
+    hf = hf_checkpoint(tmp_path / "hf", cls, config_cls, **kw)
+    ours = from_hf(tmp_path / "hf")
+    assert_same_logits(ours, hf)
+    to_hf(ours, tmp_path / "back")
+    cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert cfg["model_type"] == hf.config.model_type
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
+    assert type(back) is cls
+    assert_same_logits(ours, back)
+    assert_same_logits(from_hf(tmp_path / "back"), hf)
+
+
+def test_families_read_what_matters(tmp_path):
+    "The parity tests can fail: each family's own setting, undone in the loaded model, changes the logits."
+    def undone(case, undo):
+        cls, config_cls, kw = FAMILY_CASES[case]
+        hf = hf_checkpoint(tmp_path / case, cls, config_cls, **kw)
+        ours = from_hf(tmp_path / case)
+        assert_same_logits(ours, hf)
+        undo(ours)
+        with pytest.raises(AssertionError):
+            assert_same_logits(ours, hf)
+    undone("qwen3_moe_norm_topk", lambda m: [setattr(b.mlp, "norm_topk", False) for b in m.layers])
+    undone("mixtral_window_tied", lambda m: [setattr(b.attn, "window", None) for b in m.layers])
+    undone("smollm3", lambda m: setattr(m, "nope_layers", frozenset()))
+    undone("lfm2", lambda m: m.layers[0].attn.conv_weight.data.copy_(m.layers[0].attn.conv_weight.flip(-1)))  # taps reversed
+    ours = from_hf(tmp_path / "lfm2")
+    assert [type(b.attn).__name__ for b in ours.layers] == ["ShortConv", "ShortConv", "Attention", "ShortConv"]
+    assert ours.layers[0].mlp.gate_proj.out_features == 64     # LFM2's 2/3 of intermediate_size=96, to 16s
+    assert ours.lm_head.weight is ours.embed.weight             # LFM2 ties by default
+
+
+def test_families_refused(tmp_path):
+    "What smollm cannot express fails with what it lacks, before any weight is read."
+    hf_checkpoint(tmp_path, OlmoeForCausalLM, OlmoeConfig, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    with pytest.raises(CheckpointError, match="model_type='olmoe' cannot be expressed in smollm: .*whole q and k"):
+        from_hf(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for extra, err in [({"model_type": "gpt_oss"}, "'gpt_oss' cannot be expressed.*clamped SwiGLU"),
+                       ({"model_type": "qwen3_next"}, "'qwen3_next' cannot be expressed.*Gated DeltaNet"),
+                       ({"model_type": "qwen3_moe", "mlp_only_layers": [1]}, "all have the same MLP"),
+                       ({"model_type": "qwen3_moe", "attention_bias": True}, "attention_bias=true gives o_proj"),
+                       ({"model_type": "smollm3", "num_hidden_layers": 4, "use_sliding_window": True,
+                         "sliding_window": 8}, "layer 3 is 'sliding_attention' without RoPE")]:
+        (tmp_path / "config.json").write_text(json.dumps(cfg | extra))
+        with pytest.raises(CheckpointError, match=err):
+            from_hf(tmp_path)
+
+
+def test_moe_bias_refused(tmp_path):
+    "smollm's auxiliary-loss-free routing bias goes out only while it is zero: HF routers have none."
+    model = build_model(compose(BASE + ["model/mlp=moe", "model.mlp.expert_hidden=32"]).model)
+    to_hf(model, tmp_path / "zero")
+    model.layers[1].mlp.expert_bias[0] = 0.5
+    with pytest.raises(CheckpointError, match="layers.1.mlp.expert_bias: nonzero has no Hugging Face equivalent"):
+        to_hf(model, tmp_path / "biased")
+
+
+FAMILY_TO_HF = {   # smollm overrides -> the model type they go out as
+    "mixtral": (["model/mlp=moe", "model.mlp.expert_hidden=32", "model.mlp.n_experts=4"], "mixtral"),
+    "qwen3_moe": (["model/mlp=moe", "model.mlp.expert_hidden=16", "model.mlp.n_experts=6", "model.mlp.top_k=3",
+                   "model.mlp.norm_topk=false", "model/attention=qk_norm"], "qwen3_moe"),
+    "lfm2": (["model/attention=qk_norm", "model.n_layers=3", "model.layer_pattern=CCG", "model.mixers.C.bias=true"],
+             "lfm2"),
+    "smollm3": (["model.n_layers=4", "++model.attention.window=8", "model.layer_pattern=SGSN"], "smollm3"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAMILY_TO_HF))
+def test_family_to_hf(tmp_path, case):
+    overrides, model_type = FAMILY_TO_HF[case]
+    ours = build_model(compose(BASE + overrides).model).eval()
+    with torch.no_grad():   # norm weights that are not all ones, so that a misplaced norm shows
+        for n, p in ours.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    to_hf(ours, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == model_type
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert_same_logits(ours, hf)
+    assert_same_logits(from_hf(tmp_path), hf)
 
 
 # --- bad input
