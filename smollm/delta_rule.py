@@ -4,7 +4,7 @@
 
 # %% ../nbs/07a_delta_rule.ipynb #3988b722
 from __future__ import annotations
-import math
+import importlib.util, math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from .mixers import Mixer, RecurrentState, short_conv, short_conv_step
 
 # %% auto #0
 __all__ = ['gated_delta_rule_naive', 'gated_delta_rule_step', 'gated_delta_rule_chunked', 'l2norm', 'GatedRMSNorm',
-           'GatedDeltaNet']
+           'GatedDeltaNet', 'fla_available', 'gated_delta_rule_fla']
 
 # %% ../nbs/07a_delta_rule.ipynb #212febb7
 def _check_inputs(q, k, v, g, beta, initial_state, doc=None):
@@ -218,56 +218,79 @@ def _gates(self, b: torch.Tensor, a: torch.Tensor):
 
 GatedDeltaNet._project, GatedDeltaNet._gates = _project, _gates
 
-# %% ../nbs/07a_delta_rule.ipynb #5e054842
-def _fla_ops(self, x: torch.Tensor):
-    """flash-linear-attention's gated-delta-rule ops when they are to run (`impl` 'auto' or 'triton' and x on a
-    CUDA device), else None. With impl='triton' on CUDA a missing package is an error naming the extra."""
-    if self.impl == "torch" or not x.is_cuda:
-        return None
+# %% ../nbs/07a_delta_rule.ipynb #c7c182ee
+def fla_available() -> bool:
+    "Is flash-linear-attention (the extra `fla`) importable here?"
+    return importlib.util.find_spec("fla") is not None
+
+def _fla_kernels():
+    "fla's chunk_gated_delta_rule and fused_recurrent_gated_delta_rule, or an ImportError naming the extra."
     try:
-        from fla.ops import gated_delta_rule
-    except ImportError as e:
-        if self.impl == "triton":
-            raise ImportError("GatedDeltaNet's kernels (impl='triton') need flash-linear-attention, an optional "
-                              "extra: pip install 'smollm[fla]'") from e
-        return None
-    return gated_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+    except ImportError:
+        raise ImportError("Gated DeltaNet on flash-linear-attention's kernels needs the fla extra: "
+                          "pip install 'smollm[fla]'") from None
+    return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
-def _cu_seqlens(doc: torch.Tensor) -> torch.Tensor:
-    "doc (B, T) -> the documents' boundaries in the flattened (B * T) row, [0, ..., B * T] (fla's varlen form)."
-    new = torch.ones_like(doc, dtype=torch.bool)
-    new[:, 1:] = doc[:, 1:] != doc[:, :-1]
-    starts = new.flatten().nonzero().squeeze(1)
-    return torch.cat([starts, starts.new_tensor([doc.numel()])])
+def gated_delta_rule_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                         scale: float | None = None, initial_state: torch.Tensor | None = None,
+                         doc: torch.Tensor | None = None):
+    """`gated_delta_rule_chunked` by flash-linear-attention's Triton kernels (CUDA tensors; fp32, bf16 or fp16):
+    the same arguments and result, except that q and k may have fewer heads than v (`(B, H_k, T, d_k)`, H_k a divisor
+    of v's H: each key head serves H / H_k consecutive value heads, which fla reads without copying). T = 1 without
+    doc runs fused_recurrent_gated_delta_rule (a decoding step); `doc (B, T)` runs each document as its own sequence
+    (fla's cu_seqlens). The final state is fp32."""
+    chunk, fused_recurrent = _fla_kernels()
+    (B, Hk, T, dk), H, dv = q.shape, v.shape[1], v.shape[-1]
+    check(k.shape == q.shape, "k.shape", tuple(k.shape), f"q's shape {tuple(q.shape)}")
+    check(v.shape[0] == B and v.shape[2] == T and H % Hk == 0, "v.shape", tuple(v.shape),
+          f"(B, H, T, d_v) = ({B}, a multiple of {Hk}, {T}, d_v)")
+    tr = lambda u: u.transpose(1, 2).contiguous()                       # (B, T, H, ...) as fla takes them
+    q, k, v, g, beta = tr(q), tr(k), tr(v), tr(g.float()), tr(beta)
+    if doc is None:
+        run = fused_recurrent if T == 1 else chunk
+        o, S = run(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True)
+        return o.transpose(1, 2), S
+    new = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0), value=True)          # a sequence starts here (and at each row)
+    per_row = new.sum(1)
+    cu = F.pad(new.flatten().nonzero()[:, 0], (0, 1), value=B * T)
+    first, last = per_row.cumsum(0) - per_row, per_row.cumsum(0) - 1   # each row's first and last document
+    h0 = None if initial_state is None else \
+        initial_state.new_zeros(len(cu) - 1, H, dk, dv).index_copy(0, first, initial_state)
+    flat = lambda u: u.reshape(1, B * T, *u.shape[2:])
+    o, states = chunk(*map(flat, (q, k, v, g, beta)), scale=scale, initial_state=h0, output_final_state=True,
+                      cu_seqlens=cu, cu_seqlens_cpu=cu.cpu())
+    return o.view(B, T, H, dv).transpose(1, 2), states[last]
 
+def _use_fla(q: torch.Tensor, v: torch.Tensor, impl: str) -> bool:
+    """Run fla's kernels for these tensors? On CUDA, impl not 'torch', fla importable (required when impl='triton'),
+    heads 16 wide or more (its blocks), not fp64."""
+    if not q.is_cuda or impl == "torch" or min(q.shape[-1], v.shape[-1]) < 16 or q.dtype == torch.float64:
+        return False
+    return impl == "triton" or fla_available()
+
+# %% ../nbs/07a_delta_rule.ipynb #5e054842
 def _recurrence(self, q, k, v, g, beta, state=None, doc=None):
     """The gated delta rule on the heads: q, k (B, T, n_k_heads, head_k_dim), v (B, T, n_v_heads, head_v_dim), g, beta
-    (B, T, n_v_heads), state (B, n_v_heads, head_k_dim, head_v_dim) or None -> (o like v, the final state; None with
-    doc on fla's path). flash-linear-attention's kernels on CUDA (see `_fla_ops`), else smollm's forms, in fp32 for
-    inputs of lower precision: the one-token step when decoding (state given, T = 1), the chunked form otherwise."""
-    if (fla := self._fla_ops(q)) is not None:    # its kernels take (B, T, H, d) and value heads grouped as ours
-        g = g.float()
-        if state is not None and q.shape[1] == 1:
-            return fla.fused_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state, output_final_state=True)
-        if doc is not None:          # packed documents: fla's varlen form over the flattened batch
-            flat = lambda t: t.reshape(1, -1, *t.shape[2:])
-            o, _ = fla.chunk_gated_delta_rule(*map(flat, (q, k, v, g, beta)), cu_seqlens=_cu_seqlens(doc))
-            return o.view(v.shape), None
-        return fla.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, output_final_state=True)
-    out_dtype, dtype = v.dtype, torch.promote_types(v.dtype, torch.float32)
-    q, k, v, g, beta = (t.to(dtype) for t in (q, k, v, g, beta))
-    r = self.n_v_heads // self.n_k_heads
+    (B, T, n_v_heads), state (B, n_v_heads, head_k_dim, head_v_dim) or None -> (o like v, the final state).
+    flash-linear-attention's kernels when `_use_fla` says so, else smollm's forms in fp32 for inputs of lower
+    precision: the one-token step when decoding (state given, T = 1), the chunked form otherwise."""
     heads = lambda t: t.transpose(1, 2)                                   # (B, T, H, ...) -> (B, H, T, ...)
-    q, k = (heads(t).repeat_interleave(r, 1) for t in (q, k))            # each key head serves r value heads
-    v, g, beta = heads(v), heads(g), heads(beta)
+    if _use_fla(q, v, self.impl):
+        o, S = gated_delta_rule_fla(heads(q), heads(k), heads(v), heads(g), heads(beta), initial_state=state, doc=doc)
+        return heads(o), S
+    out_dtype, dtype = v.dtype, torch.promote_types(v.dtype, torch.float32)
+    r = self.n_v_heads // self.n_k_heads
+    q, k = (heads(t.to(dtype)).repeat_interleave(r, 1) for t in (q, k))  # each key head serves r value heads
+    v, g, beta = (heads(t.to(dtype)) for t in (v, g, beta))
     if state is not None and q.shape[2] == 1:
         o, S = gated_delta_rule_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0], state)
         o = o[:, :, None]
     else:
         o, S = gated_delta_rule_chunked(q, k, v, g, beta, self.chunk_size, initial_state=state, doc=doc)
-    return o.transpose(1, 2).to(out_dtype), S
+    return heads(o).to(out_dtype), S
 
-GatedDeltaNet._fla_ops, GatedDeltaNet._recurrence = _fla_ops, _recurrence
+GatedDeltaNet._recurrence = _recurrence
 
 # %% ../nbs/07a_delta_rule.ipynb #aa7deee6
 def _forward(self, x: torch.Tensor, positional=None, pos=None, cache: RecurrentState | None = None,

@@ -379,3 +379,114 @@ def test_transformers_layer_comparison_can_fail(monkeypatch):
         x = torch.randn(2, 13, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         with pytest.raises(AssertionError):
             close(ours(x), theirs(x), HF_TOL[torch.float64])
+
+
+# --- flash-linear-attention: its naive forms as a second reference (CPU); its kernels (CUDA: `pytest -k fla`) -----
+
+from smollm.delta_rule import fla_available, gated_delta_rule_fla  # noqa: E402
+
+
+@pytest.mark.parametrize("theirs", ["naive_recurrent", "naive_chunk"])
+@pytest.mark.parametrize("ours", ["naive", "chunked", "step"])
+def test_matches_fla_naive_references(theirs, ours):
+    "fla's own plain-PyTorch forms (B, T, H, d), fp32 inside; naive_recurrent takes beta before g."
+    fla_naive = pytest.importorskip("fla.ops.gated_delta_rule.naive")
+    xs, s0 = inputs(T=21, dtype=torch.float32)
+    q, k, v, g, beta = xs
+    tr = lambda x: x.transpose(1, 2)
+    if theirs == "naive_recurrent":
+        o_f, S_f = fla_naive.naive_recurrent_gated_delta_rule(tr(q), tr(k), tr(v), tr(beta), tr(g), initial_state=s0,
+                                                              output_final_state=True)
+    else:
+        o_f, S_f = fla_naive.naive_chunk_gated_delta_rule(tr(q), tr(k), tr(v), tr(g), tr(beta), chunk_size=8,
+                                                          initial_state=s0, output_final_state=True)
+    run = {"naive": gated_delta_rule_naive, "step": step_loop,
+           "chunked": lambda *a, **kw: gated_delta_rule_chunked(*a, chunk_size=4, **kw)}[ours]
+    o, S = run(*xs, initial_state=s0)
+    close(o, tr(o_f), 1e-5); close(S, S_f, 1e-5)
+    with pytest.raises(AssertionError):      # and the comparison can fail: g and beta in each other's place
+        close(run(q, k, v, beta.log(), g.exp(), initial_state=s0)[0], tr(o_f), 1e-5)
+
+
+def test_fla_is_not_used_on_a_cpu_or_with_impl_torch():
+    torch.manual_seed(0)
+    m = GatedDeltaNet(64, n_v_heads=2)                     # heads 32 wide: fla's blocks would take them on CUDA
+    from smollm.delta_rule import _use_fla
+    q, v = torch.randn(1, 3, 2, 32), torch.randn(1, 3, 2, 32)
+    assert not _use_fla(q, v, "auto") and not _use_fla(q, v, "triton")
+    x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
+    m.impl = "torch"
+    want = m(x)
+    m.impl = "triton"                                      # on a CPU, 'triton' runs smollm's forms, and does not fail
+    torch.testing.assert_close(m(x), want)
+
+
+needs_fla_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and fla_available()),
+                                   reason="needs a CUDA device and flash-linear-attention (the extra fla)")
+
+
+def _rel(a, b):
+    "max |a - b| relative to max |b|: fla's kernels accumulate in fp32 but may multiply in tf32."
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@needs_fla_gpu
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("gva", [1, 2])
+def test_fla_kernels_equal_naive_forward_and_backward(packed, gva):
+    "gated_delta_rule_fla (fp32 on CUDA) against gated_delta_rule_naive (fp64 on CUDA): outputs, state, every gradient."
+    xs, s0 = inputs(B=2, H=4, T=150, dk=32, dv=64)
+    doc = torch.tensor([[0] * 40 + [1] * 70 + [2] * 40, [0] * 150]).cuda() if packed else None
+    gen = torch.Generator().manual_seed(2)
+    do = torch.randn(2, 4, 150, 64, generator=gen, dtype=torch.float64).cuda()
+    dS = torch.randn(2, 4, 32, 64, generator=gen, dtype=torch.float64).cuda()
+
+    def run(fn, dtype, kv_heads):
+        leaves = [x.cuda().to(dtype).requires_grad_() for x in [*xs, s0]]
+        q, k = leaves[0][:, ::gva], leaves[1][:, ::gva]     # GVA: each key head serves gva value heads
+        if kv_heads:
+            q, k = q.repeat_interleave(gva, 1), k.repeat_interleave(gva, 1)
+        o, S = fn(q, k, *leaves[2:5], initial_state=leaves[5], doc=doc)
+        grads = torch.autograd.grad((o.double() * do).sum() + (S.double() * dS).sum(), leaves)
+        return [o, S, *grads]
+    ours = run(gated_delta_rule_fla, torch.float32, kv_heads=False)
+    ref = run(gated_delta_rule_naive, torch.float64, kv_heads=True)
+    for name, a, b in zip(["o", "final_state", "q", "k", "v", "g", "beta", "initial_state"], ours, ref):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 5e-3, (name, _rel(a, b))
+
+
+@needs_fla_gpu
+def test_fla_decoding_step_equals_the_step():
+    xs, s0 = inputs(B=2, H=4, T=1, dk=32, dv=64)
+    xs, s0 = [x.cuda().float() for x in xs], s0.cuda().float()
+    o, S = gated_delta_rule_fla(*xs, initial_state=s0)
+    o_s, S_s = gated_delta_rule_step(*(x[:, :, 0] for x in xs), s0)
+    assert _rel(o[:, :, 0], o_s) < 1e-3 and _rel(S, S_s) < 1e-3
+
+
+@needs_fla_gpu
+def test_fla_path_in_the_mixer_equals_the_torch_path():
+    "GatedDeltaNet on CUDA with impl auto (fla) and torch (smollm's forms): forward, backward, documents, decoding."
+    torch.manual_seed(0)
+    m = GatedDeltaNet(128, n_v_heads=4, n_k_heads=2, head_k_dim=32, head_v_dim=32).cuda()
+    x = torch.randn(2, 150, 128, device="cuda")
+    doc = torch.tensor([[0] * 40 + [1] * 110, [0] * 150], device="cuda")
+    from smollm.delta_rule import _use_fla
+    assert _use_fla(torch.empty(1, 1, 1, 32, device="cuda"), torch.empty(1, 1, 1, 32, device="cuda"), "auto")
+
+    def run(impl, **kw):
+        m.impl = impl
+        m.zero_grad()
+        y = m(x, **kw)
+        y.square().mean().backward()
+        return [y] + [p.grad.clone() for p in m.parameters()]
+    for kw in ({}, {"doc": doc}):
+        for a, b in zip(run("auto", **kw), run("torch", **kw)):
+            assert _rel(a, b) < 5e-3, _rel(a, b)
+    m.impl = "auto"
+    state = m.new_cache()                   # a prefill through fla, then fused_recurrent steps, equal to the full forward
+    with torch.no_grad():
+        full = m(x[:, :20])
+        steps = torch.cat([m(x[:, :12], cache=state)] + [m(x[:, t:t + 1], cache=state) for t in range(12, 20)], 1)
+    assert _rel(steps, full) < 5e-3
