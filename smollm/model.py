@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_model.ipynb #e0e96bdf
 from __future__ import annotations
-import math
+import copy, math
 from collections import Counter
 from functools import partial
 from typing import Callable
@@ -16,7 +16,7 @@ from .kernels import linear_cross_entropy
 from .positional import NoPE, doc_positions
 
 # %% auto #0
-__all__ = ['PLACEMENTS', 'Block', 'init_weights_', 'count_by_family', 'Transformer']
+__all__ = ['PLACEMENTS', 'Block', 'init_weights_', 'count_by_family', 'MTPModule', 'Transformer']
 
 # %% ../nbs/05_model.ipynb #877218b2
 PLACEMENTS = ("pre", "post", "sandwich")
@@ -94,13 +94,29 @@ def count_by_family(module: nn.Module, family: str = "other", seen: set | None =
         counts += count_by_family(child, family, seen)
     return counts
 
+# %% ../nbs/05_model.ipynb #ae1f678f
+class MTPModule(nn.Module):
+    """One depth of DeepSeek-V3's multi-token prediction: h (B, T, dim), the previous depth's residual stream at
+    tokens i, and e (B, T, dim), the embeddings of tokens i + k -> block(proj([h_norm(h); e_norm(e)])) (B, T, dim).
+    `out_norm` normalises it for the shared lm head. `block` is a Block; `norm` a norm module to copy."""
+    def __init__(self, dim: int, block: nn.Module, norm: nn.Module):
+        super().__init__()
+        self.h_norm, self.e_norm, self.out_norm = (copy.deepcopy(norm) for _ in range(3))
+        self.proj = nn.Linear(2 * dim, dim, bias=False)
+        self.block = block
+
+    def forward(self, h, e, positional, pos, doc=None):
+        return self.block(self.proj(torch.cat([self.h_norm(h), self.e_norm(e)], -1)), positional, pos, doc=doc)
+
 # %% ../nbs/05_model.ipynb #d1bd9464
 class Transformer(nn.Module):
     """Decoder-only language model: embedding (vocab_size x dim), `blocks`, final `norm`, lm head. `positional` is
-    the model's one positional encoding; the layers in `nope_layers` get none. `kernels`: 'auto', 'torch', 'triton'."""
+    the model's one positional encoding; the layers in `nope_layers` get none. `kernels`: 'auto', 'torch', 'triton'.
+    `mtp_depth` multi-token prediction modules (DeepSeek-V3's; 0: none) add `mtp_weight` times their mean loss to
+    the training loss."""
     def __init__(self, vocab_size: int, dim: int, blocks: list[Block], norm: nn.Module, positional: nn.Module,
                  tie_embeddings: bool = False, nope_layers: tuple[int, ...] = (), kernels: str = "auto",
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, mtp_depth: int = 0, mtp_weight: float = 0.3):
         super().__init__()
         check(isinstance(vocab_size, int) and vocab_size >= 1, "vocab_size", vocab_size, "a positive integer")
         self.vocab_size, self.dim = vocab_size, dim
@@ -118,8 +134,20 @@ class Transformer(nn.Module):
         self._nope = NoPE(dim, positional.n_heads, positional.head_dim, positional.max_seq_len)
         for i, blk in enumerate(self.layers):   # a backend that cannot apply this encoding refuses now, not mid-run
             blk.attn.check_positional(self.layer_positional(i))
+        check(isinstance(mtp_depth, int) and mtp_depth >= 0, "mtp_depth", mtp_depth,
+              "a non-negative integer: the tokens predicted beyond the next one (0: no multi-token prediction)")
+        check(isinstance(mtp_weight, (int, float)) and mtp_weight >= 0, "mtp_weight", mtp_weight, "a number >= 0")
+        self.mtp_weight, self.mtp_loss = mtp_weight, None
+        self.mtp = nn.ModuleList(MTPModule(dim, self._mtp_block(k), norm) for k in range(mtp_depth))
         init_weights_(self, len(self.layers), init_std)
         self.kernels = kernels
+
+    def _mtp_block(self, k: int) -> nn.Module:
+        "A fresh copy of the last layer, told that it sits k + 1 layers after it (as the first of its attention)."
+        blk = copy.deepcopy(self.layers[-1])
+        if blk.attn.family == "attention":
+            blk.attn.place(len(self.layers) + k, 0)
+        return blk
 
     def layer_positional(self, i: int) -> nn.Module:
         "The positional encoding layer `i` uses: the model's, or NoPE for a layer in `nope_layers`."
@@ -145,7 +173,13 @@ class Transformer(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, cache: list | None = None,
                       key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, T) -> final-normed hidden states (B, T, dim); with `cache`, positions continue after it.
+        "input_ids (B, T) -> final-normed hidden states (B, T, dim); the arguments as for `residual_stream`."
+        return self.norm(self.residual_stream(input_ids, cache, key_mask, doc))
+
+    def residual_stream(self, input_ids: torch.Tensor, cache: list | None = None,
+                        key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> the last layer's output (B, T, dim), before the final norm; with `cache`, positions
+        continue after it.
         key_mask (B, S), S = cached + T tokens: False marks keys no query may attend to (left padding).
         doc (B, T): packed rows, each token's document index (nondecreasing along a row; no cache): a token
         attends only to its own document, and positions restart at 0 where a document starts."""
@@ -164,7 +198,7 @@ class Transformer(nn.Module):
         for i, blk in enumerate(self.layers):
             x = blk(x, self.layer_positional(i), pos, None if cache is None else cache[i], key_mask, doc,
                     values if i in self.value_layers else None)
-        return self.norm(x)
+        return x
 
     def forward(self, input_ids: torch.Tensor, cache: list | None = None,
                 key_mask: torch.Tensor | None = None, doc: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,10 +208,39 @@ class Transformer(nn.Module):
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
              doc: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy of input_ids (B, T) against targets (B, T); `ignore_index` targets take no
-        loss; doc (B, T): packed rows, as for `hidden_states`."""
-        h = self.hidden_states(input_ids, doc=doc)
-        return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+        loss; doc (B, T): packed rows, as for `hidden_states`. In training, with MTP modules, plus mtp_weight times
+        their mean loss, which is left (detached) in `mtp_loss`."""
+        x = self.residual_stream(input_ids, doc=doc)
+        loss = linear_cross_entropy(self.norm(x).flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                     ignore_index=ignore_index, impl=self.kernels)
+        if not (self.training and len(self.mtp)):
+            return loss
+        mtp = self.mtp_losses(x, input_ids, targets, ignore_index, doc)
+        mtp = mtp.mean() if mtp.numel() else mtp.sum()           # rows too short for any depth: no MTP loss
+        self.mtp_loss = mtp.detach()
+        return loss + self.mtp_weight * mtp
+
+    def mtp_losses(self, x: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                   doc: torch.Tensor | None = None) -> torch.Tensor:
+        """The cross-entropy of each MTP depth (depths,): depth k (1, 2, ...) predicts targets[:, i + k] at the first
+        T - k positions i, from the previous depth's stream (x (B, T, dim), the main model's residual stream, for
+        k = 1) and the embeddings of input_ids[:, i + k]. With doc (packed rows) a target whose token i + k is in
+        another document than token i is dropped. Depths with no position left (T <= k) are left out."""
+        T, h, losses = input_ids.shape[1], x, []
+        positional = self.layer_positional(len(self.layers) - 1)   # the last layer's, as the blocks are its copies
+        for k, module in enumerate(self.mtp, 1):
+            n = T - k
+            if n < 1:
+                break
+            y, d = targets[:, k:], None if doc is None else doc[:, :n]
+            if doc is not None:
+                y = y.masked_fill(doc[:, k:] != d, ignore_index)
+            pos = torch.arange(n, device=x.device) if doc is None else doc_positions(d)
+            h = module(h[:, :n], self.embed(input_ids[:, k:]), positional, pos, d)
+            total = linear_cross_entropy(module.out_norm(h).flatten(0, 1), self.lm_head.weight, y.flatten(),
+                                         ignore_index=ignore_index, reduction="sum", impl=self.kernels)
+            losses.append(total / (y != ignore_index).sum().clamp(min=1))
+        return torch.stack(losses) if losses else x.new_zeros(0)
 
     def packing_refusal(self) -> str | None:
         "None when every layer can take `doc` (packed rows); else a sentence naming the first layer that cannot and why."

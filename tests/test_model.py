@@ -233,3 +233,108 @@ def test_value_residual_in_a_hybrid_decodes_as_the_full_forward(pattern):
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
     assert first in m.value_layers
+
+
+# ------------------------------------------------------------------------------------- multi-token prediction
+
+def with_mtp(m, depth, weight=0.3, seed=1):
+    "A model of m's blocks, norm and positional with `depth` MTP modules (everything freshly initialised)."
+    import copy
+    from smollm.model import Transformer
+    torch.manual_seed(seed)
+    layers, norm, positional = copy.deepcopy((list(m.layers), m.norm, m.positional))
+    return Transformer(m.vocab_size, m.dim, layers, norm, positional, nope_layers=tuple(m.nope_layers),
+                       mtp_depth=depth, mtp_weight=weight)
+
+
+def mtp_reference(m, x, y, doc=None, ignore_index=-100, drop=True):
+    """DeepSeek-V3's MTP losses written out: h^k_i = Block_k(W_k [norm(h^{k-1}_i); norm(Emb(x_{i+k}))]) on the first
+    T - k positions, logits lm_head(norm(h^k_i)) against y_{i+k}, dropped across documents; the mean over depths."""
+    import torch.nn.functional as F
+    from smollm.positional import doc_positions
+    T, h, losses = x.shape[1], m.residual_stream(x, doc=doc), []
+    for k, mod in enumerate(m.mtp, 1):
+        n = T - k
+        if n < 1:
+            break
+        tgt = y[:, k:].clone()
+        d = None if doc is None else doc[:, :n]
+        if doc is not None and drop:
+            tgt[doc[:, k:] != d] = ignore_index
+        pos = torch.arange(n) if doc is None else doc_positions(d)
+        u = torch.cat([mod.h_norm(h[:, :n]), mod.e_norm(m.embed(x[:, k:]))], -1) @ mod.proj.weight.T
+        h = mod.block(u, m.layer_positional(len(m.layers) - 1), pos, doc=d)
+        logits = mod.out_norm(h) @ m.lm_head.weight.T
+        losses.append(F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=ignore_index))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("overrides", [[], ["model/attention=differential", "model.value_residual=true"],
+                                       ["model.n_layers=3", "model.layer_pattern=GGC"]],
+                         ids=["gqa", "differential_value_residual", "last_layer_a_mixer"])
+def test_mtp_loss_is_the_extra_heads_loss(overrides):
+    m = with_mtp(tiny_model(*overrides), 2, weight=0.25).train()
+    x = torch.randint(0, 128, (2, 11))
+    y = x.roll(-1, 1)
+    y[0, 3] = -100
+    main = linear_ce(m, x, y)
+    want = mtp_reference(m, x, y)
+    loss = m.loss(x, y)
+    torch.testing.assert_close(m.mtp_loss, want.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, main + 0.25 * want, atol=1e-5, rtol=1e-5)
+    assert m.mtp_loss.requires_grad is False and (want - main).abs() > 1e-3
+    loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient on {name}"
+
+
+def linear_ce(m, x, y):
+    import torch.nn.functional as F
+    return F.cross_entropy(m.lm_head(m.hidden_states(x)).flatten(0, 1), y.flatten(), ignore_index=-100)
+
+
+def test_mtp_with_packed_rows_drops_targets_across_documents():
+    m = with_mtp(tiny_model(), 2).train()
+    x = torch.randint(0, 128, (2, 12))
+    doc = torch.tensor([[0] * 5 + [1] * 4 + [2] * 3, [0] * 12])
+    y = x.roll(-1, 1)
+    y[doc != doc.roll(-1, 1)] = -100
+    m.loss(x, y, doc=doc)
+    torch.testing.assert_close(m.mtp_loss, mtp_reference(m, x, y, doc), atol=1e-5, rtol=1e-5)
+    # the dropping can be seen: keeping the targets across documents gives another loss
+    assert (mtp_reference(m, x, y, doc, drop=False) - m.mtp_loss).abs() > 1e-4
+
+
+def test_mtp_off_and_in_evaluation_is_the_plain_model():
+    from smollm.generate import generate
+    base = tiny_model()
+    x = torch.randint(0, 128, (2, 9))
+    y = x.roll(-1, 1)
+    zero = with_mtp(base, 0)
+    assert len(zero.mtp) == 0 and set(zero.state_dict()) == set(base.state_dict())
+    two = with_mtp(base, 2)
+    plain = with_mtp(base, 0)
+    plain.load_state_dict(two.state_dict(), strict=False)
+    two.train(), plain.train()
+    plain.loss(x, y)
+    assert plain.mtp_loss is None
+    two.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(two.loss(x, y), plain.loss(x, y)) and torch.equal(two(x), plain(x))
+        assert torch.equal(generate(two, x[:, :4], 6), generate(plain, x[:, :4], 6))
+    assert (two.train().loss(x, y) - plain.train().loss(x, y)).abs() > 1e-3   # in training the heads count
+
+
+def test_mtp_depths_beyond_the_row_are_left_out_and_arguments_checked():
+    m = with_mtp(tiny_model(), 4).train()
+    x = torch.randint(0, 128, (2, 3))
+    y = x.roll(-1, 1)
+    assert m.mtp_losses(m.residual_stream(x), x, y).shape == (2,)           # T = 3: depths 1 and 2 only
+    torch.testing.assert_close(m.loss(x, y), linear_ce(m, x, y) + 0.3 * mtp_reference(m, x, y), atol=1e-5, rtol=1e-5)
+    one = torch.randint(0, 128, (2, 1))
+    assert m.mtp_losses(m.residual_stream(one), one, one).shape == (0,)
+    torch.testing.assert_close(m.loss(one, one), linear_ce(m, one, one))
+    from smollm.errors import ArgumentError
+    for bad in (dict(depth=-1), dict(depth=1.5), dict(weight=-0.1)):
+        with pytest.raises(ArgumentError):
+            with_mtp(tiny_model(), bad.get("depth", 1), bad.get("weight", 0.3))
