@@ -8,7 +8,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Lfm2Config,  # noqa: E402
-                          Lfm2ForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          Lfm2ForCausalLM, Mamba2Config, Mamba2ForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
                           OlmoeConfig, OlmoeForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig,
                           Qwen3MoeForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
 
@@ -201,6 +201,8 @@ NO_HF = {   # overrides -> the component the error must name
     "model/mlp=moe model.mlp.n_shared=1": "mlp.n_shared: 1",
     "model/mlp=moe model.mlp.norm_topk=false": "mlp.norm_topk: False",
     "model.layer_pattern=CG": "short convolutions with attention without QK-norm",
+    "+model/mixer@model.mixers.M=mamba2 model.layer_pattern=MG model/mlp=none": "Mamba2 layers with attention",
+    "model/mlp=none": "mlp: none has no",
     "model.positional.fraction=0.5": "positional.fraction: 0.5",
 }
 
@@ -230,6 +232,11 @@ FAMILY_CASES = {   # name -> (model class, config class, config fields)
         num_key_value_heads=2, layer_types=["conv", "full_attention"], conv_bias=True, conv_L_cache=4,
         block_auto_adjust_ff_dim=False, tie_word_embeddings=False)),
     "smollm3": (SmolLM3ForCausalLM, SmolLM3Config, dict(num_key_value_heads=2, num_hidden_layers=4)),
+    "mamba2": (Mamba2ForCausalLM, Mamba2Config, dict(
+        hidden_size=32, num_heads=8, head_dim=8, state_size=8, n_groups=2, chunk_size=8, layer_norm_epsilon=1e-5)),
+    "mamba2_limit_bias_tied": (Mamba2ForCausalLM, Mamba2Config, dict(
+        hidden_size=32, num_heads=4, head_dim=16, state_size=4, n_groups=1, chunk_size=16, conv_kernel=3, use_bias=True,
+        time_step_limit=(0.0, 0.05), tie_word_embeddings=True)),
     "smollm3_window": (SmolLM3ForCausalLM, SmolLM3Config, dict(
         num_key_value_heads=2, num_hidden_layers=4, use_sliding_window=True, sliding_window=8, mlp_bias=True,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])),
@@ -265,6 +272,7 @@ def test_families_read_what_matters(tmp_path):
     undone("qwen3_moe_norm_topk", lambda m: [setattr(b.mlp, "norm_topk", False) for b in m.layers])
     undone("mixtral_window_tied", lambda m: [setattr(b.attn, "window", None) for b in m.layers])
     undone("smollm3", lambda m: setattr(m, "nope_layers", frozenset()))
+    undone("mamba2_limit_bias_tied", lambda m: [setattr(b.attn, "dt_limit", (0.0, float("inf"))) for b in m.layers])
     undone("lfm2", lambda m: m.layers[0].attn.conv_weight.data.copy_(m.layers[0].attn.conv_weight.flip(-1)))  # taps reversed
     ours = from_hf(tmp_path / "lfm2")
     assert [type(b.attn).__name__ for b in ours.layers] == ["ShortConv", "ShortConv", "Attention", "ShortConv"]
@@ -280,6 +288,7 @@ def test_families_refused(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     for extra, err in [({"model_type": "gpt_oss"}, "'gpt_oss' cannot be expressed.*clamped SwiGLU"),
                        ({"model_type": "qwen3_next"}, "'qwen3_next' cannot be expressed.*Gated DeltaNet"),
+                       ({"model_type": "mamba2", "num_heads": 3, "head_dim": 8}, "num_heads=3 is not expand"),
                        ({"model_type": "qwen3_moe", "mlp_only_layers": [1]}, "all have the same MLP"),
                        ({"model_type": "qwen3_moe", "attention_bias": True}, "attention_bias=true gives o_proj"),
                        ({"model_type": "smollm3", "num_hidden_layers": 4, "use_sliding_window": True,
@@ -305,6 +314,8 @@ FAMILY_TO_HF = {   # smollm overrides -> the model type they go out as
     "lfm2": (["model/attention=qk_norm", "model.n_layers=3", "model.layer_pattern=CCG", "model.mixers.C.bias=true"],
              "lfm2"),
     "smollm3": (["model.n_layers=4", "++model.attention.window=8", "model.layer_pattern=SGSN"], "smollm3"),
+    "mamba2": (["model/mlp=none", "+model/mixer@model.mixers.M=mamba2", "model.layer_pattern=M",
+                "model.mixers.M.n_groups=2", "model.mixers.M.bias=true"], "mamba2"),
 }
 
 
