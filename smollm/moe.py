@@ -161,9 +161,10 @@ class MoE(MLP):
     def end_step(self):
         """Once per optimizer step, after its forward passes: the step's load (summed over its micro-batches, and over
         ranks when torch.distributed is initialised) takes DeepSeek-V3's bias step and is kept for `stats()`; the sums
-        start afresh. A step without a training forward changes nothing."""
+        start afresh (and `aux_loss` is dropped). A step without a training forward changes nothing else."""
         sums = self.step_sums.clone()
         self.step_sums.zero_()
+        self.aux_loss = None   # a forward re-run by activation checkpointing leaves one, holding its graph
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         counts, entropy, tokens = sums[:-2], sums[-2], sums[-1]

@@ -353,3 +353,52 @@ def test_dense_run_has_no_router_columns(tmp_path):
     train(cfg_of("trainer.max_steps=2"), tmp_path)
     assert "aux_loss" not in read_metrics(tmp_path / "metrics.csv")[0]
     assert "active_params" not in json.loads((tmp_path / "run.json").read_text())
+
+
+def test_moe_with_activation_checkpointing_is_the_same_run(tmp_path):
+    "A checkpointed block re-runs its forward in the backward pass: the aux loss, the bias and the statistics do not change."
+    cfg = cfg_of(*MOE, "trainer.grad_accum=2", "trainer.max_steps=4")
+    train(cfg, tmp_path / "eager")
+    train(cfg_of(*MOE, "trainer.grad_accum=2", "trainer.max_steps=4", "trainer.activation_checkpointing=true"),
+          tmp_path / "checkpointed")
+    cols = ["train_loss", "aux_loss", "load_max", "load_min", "load_cv", "router_entropy", "val_loss"]
+    a, b = (read_metrics(tmp_path / d / "metrics.csv") for d in ("eager", "checkpointed"))
+    assert [[r[c] for c in cols] for r in a] == [[r[c] for c in cols] for r in b]
+    wa, wb = weights(tmp_path / "eager", cfg), weights(tmp_path / "checkpointed", cfg)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_moe_compiled_matches_eager(tmp_path):
+    "torch.compile of the loss keeps the aux loss, the router statistics and the bias step (to float tolerance)."
+    cfg = cfg_of(*MOE, "trainer.grad_accum=2", "trainer.max_steps=4")
+    train(cfg, tmp_path / "eager")
+    train(cfg_of(*MOE, "trainer.grad_accum=2", "trainer.max_steps=4", "trainer.compile=true"), tmp_path / "compiled")
+    cols = ["train_loss", "aux_loss", "load_max", "router_entropy"]
+    a, b = (read_metrics(tmp_path / d / "metrics.csv") for d in ("eager", "compiled"))
+    assert [[r[c] for c in cols] for r in a] == pytest.approx([[r[c] for c in cols] for r in b], rel=1e-4)
+
+
+@pytest.mark.slow   # 30-40 s each; test_moe's gloo test checks the same sum over ranks in a few seconds
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_moe_on_two_processes_matches_one(tmp_path, parallel):
+    """torchrun with 2 gloo ranks, each holding half of every micro-batch: the bias step takes the load of both ranks,
+    so the run is one process's with the same global batch (the bias alone: a micro-batch's balancing loss depends on
+    which tokens it holds, so aux_loss_weight=0 here), and the ranks' biases agree."""
+    common = [*MOE, "model.mlp.aux_loss_weight=0", "trainer.global_batch_size=8", "trainer.grad_accum=2",
+              "trainer.max_steps=4", "trainer.ckpt_every=100"]
+    train(cfg_of(*common), tmp_path / "one")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "smollm.train", *TINY,
+                        *common, f"trainer.parallel={parallel}", f"hydra.run.dir={tmp_path / 'two'}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (read_metrics(tmp_path / d / "metrics.csv") for d in ("one", "two"))
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-5)
+        assert ra["load_max"] == rb["load_max"] and ra["router_entropy"] == pytest.approx(rb["router_entropy"], abs=1e-5)
+    cfg = cfg_of(*common)
+    wa, wb = weights(tmp_path / "one", cfg), weights(tmp_path / "two", cfg)
+    assert torch.equal(wa["layers.0.mlp.expert_bias"], wb["layers.0.mlp.expert_bias"])
+    assert wa["layers.0.mlp.expert_bias"].abs().sum() > 0
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
