@@ -490,3 +490,4 @@ def test_fla_path_in_the_mixer_equals_the_torch_path():
         full = m(x[:, :20])
         steps = torch.cat([m(x[:, :12], cache=state)] + [m(x[:, t:t + 1], cache=state) for t in range(12, 20)], 1)
     assert _rel(steps, full) < 5e-3
+
