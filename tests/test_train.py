@@ -376,7 +376,7 @@ def test_moe_compiled_matches_eager(tmp_path):
     train(cfg_of(*MOE, "trainer.grad_accum=2", "trainer.max_steps=4", "trainer.compile=true"), tmp_path / "compiled")
     cols = ["train_loss", "aux_loss", "load_max", "router_entropy"]
     a, b = (read_metrics(tmp_path / d / "metrics.csv") for d in ("eager", "compiled"))
-    assert [[r[c] for c in cols] for r in a] == pytest.approx([[r[c] for c in cols] for r in b], rel=1e-4)
+    assert [r[c] for r in a for c in cols] == pytest.approx([r[c] for r in b for c in cols], rel=1e-4)
 
 
 @pytest.mark.slow   # 30-40 s each; test_moe's gloo test checks the same sum over ranks in a few seconds
