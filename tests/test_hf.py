@@ -203,6 +203,7 @@ NO_HF = {   # overrides -> the component the error must name
     "model.layer_pattern=CG": "short convolutions with attention without QK-norm",
     "+model/mixer@model.mixers.M=mamba2 model.layer_pattern=MG model/mlp=none": "Mamba2 layers with attention",
     "model/mlp=none": "mlp: none has no",
+    "model.norm.unit_offset=true": "norm: RMSNorm with unit_offset",
     "model.positional.fraction=0.5": "positional.fraction: 0.5",
 }
 
@@ -287,7 +288,6 @@ def test_families_refused(tmp_path):
         from_hf(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     for extra, err in [({"model_type": "gpt_oss"}, "'gpt_oss' cannot be expressed.*clamped SwiGLU"),
-                       ({"model_type": "qwen3_next"}, "'qwen3_next' cannot be expressed.*Gated DeltaNet"),
                        ({"model_type": "mamba2", "num_heads": 3, "head_dim": 8}, "num_heads=3 is not expand"),
                        ({"model_type": "qwen3_moe", "mlp_only_layers": [1]}, "all have the same MLP"),
                        ({"model_type": "qwen3_moe", "attention_bias": True}, "attention_bias=true gives o_proj"),
@@ -316,11 +316,15 @@ FAMILY_TO_HF = {   # smollm overrides -> the model type they go out as
     "smollm3": (["model.n_layers=4", "++model.attention.window=8", "model.layer_pattern=SGSN"], "smollm3"),
     "mamba2": (["model/mlp=none", "+model/mixer@model.mixers.M=mamba2", "model.layer_pattern=M",
                 "model.mixers.M.n_groups=2", "model.mixers.M.bias=true"], "mamba2"),
+    "qwen3_next": (["+model/mixer@model.mixers.D=gated_deltanet", "model.layer_pattern=DG", "model.n_layers=4",
+                    "model/attention=qk_norm", "model.attention.output_gate=true", "+model/norm@model.attention.norm=rmsnorm",
+                    "model.attention.norm.unit_offset=true", "model.norm.unit_offset=true", "++model.mixers.D.norm_eps=1e-5",
+                    "model.positional.fraction=0.25"], "qwen3_next"),
 }
 
 
 @pytest.mark.parametrize("case", list(FAMILY_TO_HF))
-def test_family_to_hf(tmp_path, case):
+def test_family_to_hf(tmp_path, case, monkeypatch):
     overrides, model_type = FAMILY_TO_HF[case]
     ours = build_model(compose(BASE + overrides).model).eval()
     with torch.no_grad():   # norm weights that are not all ones, so that a misplaced norm shows
@@ -329,6 +333,8 @@ def test_family_to_hf(tmp_path, case):
                 p.uniform_(0.5, 1.5)
     to_hf(ours, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == model_type
+    if model_type == "qwen3_next":
+        _torch_gated_delta_rule(monkeypatch)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert_same_logits(ours, hf)
     assert_same_logits(from_hf(tmp_path), hf)
@@ -484,3 +490,65 @@ def test_tokenizer_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="tokenizer.json could not be read by the tokenizers library"):
         load_tokenizer(tmp_path)
+
+
+# --- Qwen3-Next: Gated DeltaNet layers, gated attention with partial rotary and (1 + w) RMSNorms
+
+Q3N = dict(num_hidden_layers=4, num_key_value_heads=2, head_dim=16, linear_num_value_heads=4, linear_num_key_heads=2,
+           linear_key_head_dim=16, linear_value_head_dim=8, mlp_only_layers=[0, 1, 2, 3])   # dense MLPs
+
+
+def _torch_gated_delta_rule(monkeypatch):
+    "transformers' Qwen3-Next module, its Gated DeltaNet ops unwrapped to the torch path (not fla's Triton kernels)."
+    import inspect
+    qn = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
+    for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
+                 "causal_conv1d_update"):
+        monkeypatch.setattr(qn, name, inspect.unwrap(getattr(qn, name)))
+    return qn
+
+
+@pytest.fixture
+def qwen3_next(tmp_path, monkeypatch):
+    "A tiny random Qwen3-Next (DDDG, partial rotary 1/4, norm weights not zero) saved by transformers; (model, path)."
+    qn = _torch_gated_delta_rule(monkeypatch)
+    torch.manual_seed(0)
+    hf = qn.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(**(SIZE | Q3N))).eval()
+    with torch.no_grad():   # zero-centred weights that are not zero, so that (1 + w) against w shows
+        for n, p in hf.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, tmp_path
+
+
+def test_qwen3_next_parity(qwen3_next):
+    hf, tmp = qwen3_next
+    ours = from_hf(tmp / "hf")
+    assert [type(b.attn).__name__ for b in ours.layers] == ["GatedDeltaNet"] * 3 + ["Attention"]
+    assert ours.positional.fraction == 0.25 and ours.norm.unit_offset
+    assert_same_logits(ours, hf)
+    to_hf(ours, tmp / "back")
+    back = AutoModelForCausalLM.from_pretrained(tmp / "back", dtype=torch.float32).eval()
+    assert type(back).__name__ == "Qwen3NextForCausalLM"
+    assert_same_logits(ours, back)
+    assert_same_logits(from_hf(tmp / "back"), hf)
+    for undo in (lambda m: setattr(m.layers[3].attn, "gate_proj", None),           # the output gate matters,
+                 lambda m: setattr(m.positional, "fraction", 1.0),                  # the partial rotary,
+                 lambda m: setattr(m.layers[0].attn_norm, "unit_offset", False)):   # the (1 + w) weights
+        ours = from_hf(tmp / "hf")
+        undo(ours)
+        with pytest.raises(AssertionError):
+            assert_same_logits(ours, hf)
+
+
+def test_qwen3_next_refused(qwen3_next):
+    _, tmp = qwen3_next
+    cfg = json.loads((tmp / "hf" / "config.json").read_text())
+    (tmp / "hf" / "config.json").write_text(json.dumps(cfg | {"mlp_only_layers": [0, 1]}))   # layers 2, 3 MoE
+    with pytest.raises(CheckpointError, match=r"layers \[2, 3\] of this qwen3_next are mixtures of experts with a "
+                                              "shared expert that a sigmoid gate scales"):
+        from_hf(tmp / "hf")
+    gated = build_model(compose(BASE + ["model.attention.output_gate=true"]).model)
+    with pytest.raises(CheckpointError, match="not as Qwen3-Next has them"):
+        to_hf(gated, tmp / "gated")
