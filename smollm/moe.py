@@ -168,18 +168,20 @@ class MoE(MLP):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         counts, entropy, tokens = sums[:-2], sums[-2], sums[-1]
-        if tokens.item() == 0:
-            return
+        seen = tokens > 0      # a tensor, not a host sync: the step stays asynchronous on a GPU
         if self.bias_update_rate > 0:
-            self.expert_bias += bias_step(counts, self.bias_update_rate)
-        self.step_load, self.step_entropy = counts / counts.sum(), (entropy / tokens).item()
+            self.expert_bias += torch.where(seen, bias_step(counts, self.bias_update_rate), 0.0)
+        load, entropy = counts / counts.sum().clamp_min(1), entropy / tokens.clamp_min(1)
+        if self.step_load is not None:
+            load, entropy = torch.where(seen, load, self.step_load), torch.where(seen, entropy, self.step_entropy)
+        self.step_load, self.step_entropy = load, entropy
 
     def stats(self) -> dict[str, float]:
         """The last step's router statistics (see `end_step`): `load_summary` of its load, and `router_entropy`, the
         mean entropy of the router's distribution per token in nats (log n_experts at most). {} before a step."""
-        if self.step_load is None:
+        if self.step_load is None or not self.step_load.sum() > 0:
             return {}
-        return {**load_summary(self.step_load), "router_entropy": self.step_entropy}
+        return {**load_summary(self.step_load), "router_entropy": self.step_entropy.item()}
 
     def param_counts(self) -> dict[str, int]:
         "Parameters in all (`total`) and those one token uses (`active`: router, its top_k experts, the shared ones)."
