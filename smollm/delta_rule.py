@@ -237,10 +237,10 @@ def gated_delta_rule_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
                          doc: torch.Tensor | None = None):
     """`gated_delta_rule_chunked` by flash-linear-attention's Triton kernels (CUDA tensors; fp32, bf16 or fp16):
     the same arguments and result, except that q and k may have fewer heads than v (`(B, H_k, T, d_k)`, H_k a divisor
-    of v's H: each key head serves H / H_k consecutive value heads, which fla reads without copying). T = 1 without
-    doc runs fused_recurrent_gated_delta_rule (a decoding step); `doc (B, T)` runs each document as its own sequence
-    (fla's cu_seqlens). The final state is fp32."""
-    chunk, fused_recurrent = _fla_kernels()
+    of v's H: each key head serves H / H_k consecutive value heads, which fla reads without copying). A one-token
+    step with no doc and no gradient runs fused_recurrent_gated_delta_rule (decoding); `doc (B, T)` runs each
+    document as its own sequence (fla's cu_seqlens). The final state is fp32."""
+    chunk, fused_recurrent = _fla_kernels()     # g and beta by name: fused_recurrent's fifth argument is gk
     (B, Hk, T, dk), H, dv = q.shape, v.shape[1], v.shape[-1]
     check(k.shape == q.shape, "k.shape", tuple(k.shape), f"q's shape {tuple(q.shape)}")
     check(v.shape[0] == B and v.shape[2] == T and H % Hk == 0, "v.shape", tuple(v.shape),
@@ -248,8 +248,10 @@ def gated_delta_rule_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     tr = lambda u: u.transpose(1, 2).contiguous()                       # (B, T, H, ...) as fla takes them
     q, k, v, g, beta = tr(q), tr(k), tr(v), tr(g.float()), tr(beta)
     if doc is None:
-        run = fused_recurrent if T == 1 else chunk
-        o, S = run(q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=True)
+        # fused_recurrent has no backward: a one-token step takes it only when nothing needs a gradient
+        grad = any(t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state))
+        run = fused_recurrent if T == 1 and not grad else chunk
+        o, S = run(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state, output_final_state=True)
         return o.transpose(1, 2), S
     new = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0), value=True)          # a sequence starts here (and at each row)
     per_row = new.sum(1)
@@ -258,8 +260,8 @@ def gated_delta_rule_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
     h0 = None if initial_state is None else \
         initial_state.new_zeros(len(cu) - 1, H, dk, dv).index_copy(0, first, initial_state)
     flat = lambda u: u.reshape(1, B * T, *u.shape[2:])
-    o, states = chunk(*map(flat, (q, k, v, g, beta)), scale=scale, initial_state=h0, output_final_state=True,
-                      cu_seqlens=cu, cu_seqlens_cpu=cu.cpu())
+    o, states = chunk(flat(q), flat(k), flat(v), g=flat(g), beta=flat(beta), scale=scale, initial_state=h0,
+                      output_final_state=True, cu_seqlens=cu, cu_seqlens_cpu=cu.cpu())
     return o.view(B, T, H, dv).transpose(1, 2), states[last]
 
 def _use_fla(q: torch.Tensor, v: torch.Tensor, impl: str) -> bool:
