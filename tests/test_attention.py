@@ -40,6 +40,7 @@ EXTRA = {
                              "+model/norm@model.attention.norm=layernorm"),
     "value_residual": ("model/attention=gqa", "model.value_residual=true", "model.n_layers=3"),
     "differential_value_residual": ("model/attention=differential", "model.value_residual=true"),
+    "differential_pattern_SG": ("model/attention=differential", "++model.attention.window=4", "model.layer_pattern=SG"),
 }
 ATTN.update(EXTRA)
 POS = options("model/positional")
