@@ -20,8 +20,9 @@ HF_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "mixtral", "q
 HF_REFUSED = {   # HF model types that smollm cannot express yet: what each needs that smollm lacks
     "olmoe": "q_norm and k_norm are RMSNorms over the whole q and k projections (OLMo-2's), where smollm's qk_norm "
              "normalises each head",
-    "gpt_oss": "o_proj and expert biases, a router with a bias that softmaxes over the chosen experts only, and "
-               "gpt-oss's clamped SwiGLU (alpha 1.702, limit 7, up + 1); smollm has sinks and S/G patterns but not these",
+    "gpt_oss": "biases on o_proj, on the router and on every expert's projections, and gpt-oss's expert activation "
+               "(gate and up clamped at swiglu_limit, gate * sigmoid(swiglu_alpha * gate) * (up + 1)); smollm has its "
+               "sinks, S/G window patterns, YaRN, and its routing (a softmax over the top k is MoE's norm_topk)",
 }
 ROPE_TYPES = ("default", *ROPE_SCALINGS)   # HF rope_type values smollm.positional.RoPE has: plain, and its scalings
 

@@ -204,6 +204,8 @@ NO_HF = {   # overrides -> the component the error must name
     "+model/mixer@model.mixers.M=mamba2 model.layer_pattern=MG model/mlp=none": "Mamba2 layers with attention",
     "model/mlp=none": "mlp: none has no",
     "model.norm.unit_offset=true": "norm: RMSNorm with unit_offset",
+    "model.value_residual=true": "layers.1.attn: parameters",
+    "model/attention=differential": "layers.0.attn: DiffAttention",
     "model.positional.fraction=0.5": "positional.fraction: 0.5",
 }
 
@@ -287,7 +289,7 @@ def test_families_refused(tmp_path):
     with pytest.raises(CheckpointError, match="model_type='olmoe' cannot be expressed in smollm: .*whole q and k"):
         from_hf(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    for extra, err in [({"model_type": "gpt_oss"}, "'gpt_oss' cannot be expressed.*clamped SwiGLU"),
+    for extra, err in [({"model_type": "gpt_oss"}, "'gpt_oss' cannot be expressed.*biases on o_proj.*swiglu_limit"),
                        ({"model_type": "mamba2", "num_heads": 3, "head_dim": 8}, "num_heads=3 is not expand"),
                        ({"model_type": "qwen3_moe", "mlp_only_layers": [1]}, "all have the same MLP"),
                        ({"model_type": "qwen3_moe", "attention_bias": True}, "attention_bias=true gives o_proj"),
