@@ -4,7 +4,7 @@
 
 # %% ../nbs/31_hf.ipynb #323ff4af
 from __future__ import annotations
-import json, os, re
+import functools, json, os, re
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -334,6 +334,7 @@ def _names(model_type: str) -> list[tuple]:
     "The name table of `model_type`: (HF pattern, smollm pattern) or, for an expert's piece, (HF, smollm, part)."
     return _FAMILY_NAMES.get(model_type, []) + _NAMES
 
+@functools.lru_cache(maxsize=None)   # a MoE checkpoint asks for the same few patterns thousands of times
 def _regex(pattern: str) -> re.Pattern:
     return re.compile(re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)"))
 

@@ -556,18 +556,22 @@ def test_qwen3_next_refused(qwen3_next):
         to_hf(gated, tmp / "gated")
 
 
-def assert_same_decoding(ours, hf, T=10, steps=8, atol=1e-4, full=False):
+def assert_same_decoding(ours, hf, T=10, steps=8, atol=1e-4, full=False, pad=0):
     """transformers decodes greedily with its cache; smollm, fed the same tokens one at a time with its own cache
     (a RecurrentState for the mixers), gives the same logits at every step: transformers' decoding logits, or with
-    `full` those of its full forward over the tokens decoded."""
+    `full` those of its full forward over the tokens decoded. `pad`: the second prompt is left-padded by that many."""
     prompt = torch.randint(0, V, (2, T))
+    mask = torch.ones_like(prompt)
+    mask[1, :pad] = 0
     hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
     with torch.no_grad():
-        out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps, min_new_tokens=steps,
-                          do_sample=False, output_logits=True, return_dict_in_generate=True)   # no token is padding
-        cache = ours.new_cache()
-        mine = [ours(prompt, cache=cache)[:, -1]]
-        mine += [ours(out.sequences[:, T + s, None], cache=cache)[:, -1] for s in range(steps - 1)]
+        out = hf.generate(prompt, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
+                          do_sample=False, output_logits=True, return_dict_in_generate=True)
+        cache, key_mask = ours.new_cache(), mask.bool()
+        mine = [ours(prompt, cache=cache, key_mask=key_mask)[:, -1]]
+        for s in range(steps - 1):
+            key_mask = torch.cat([key_mask, torch.ones(2, 1, dtype=torch.bool)], 1)
+            mine.append(ours(out.sequences[:, T + s, None], cache=cache, key_mask=key_mask)[:, -1])
         theirs = hf(out.sequences[:, :-1]).logits[:, T - 1:] if full else torch.stack(out.logits, 1)
     torch.testing.assert_close(torch.stack(mine, 1), theirs, atol=atol, rtol=0)
 
@@ -586,6 +590,15 @@ def test_family_decoding(tmp_path, case):
             assert_same_decoding(from_hf(tmp_path), hf)
 
 
+@pytest.mark.parametrize("case", ["mixtral_window_tied", "qwen3_moe", "lfm2", "smollm3", "mamba2"])
+def test_family_decoding_left_padded(tmp_path, case):
+    "A left-padded prompt decodes as transformers decodes it with its attention_mask (positions counted from the pad)."
+    cls, config_cls, kw = FAMILY_CASES[case]
+    hf = hf_checkpoint(tmp_path, cls, config_cls, **kw)
+    assert_same_decoding(from_hf(tmp_path), hf, pad=3)
+
+
 def test_qwen3_next_decoding(qwen3_next):
     hf, tmp = qwen3_next
     assert_same_decoding(from_hf(tmp / "hf"), hf)
+    assert_same_decoding(from_hf(tmp / "hf"), hf, pad=3)
