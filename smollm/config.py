@@ -146,10 +146,12 @@ def build_model(cfg) -> Transformer:
         blocks = [Block(a, m, partial(norm, dim), cfg.get("placement", "pre"), cfg.get("parallel_residual", False))
                   for a, m in zip(attns, mlps)]
     nope = tuple(i for i, k in enumerate(kinds) if k is not None and not k.positions)
-    with named(backend="model.attention.backend"):   # the model asks each layer's backend about its positional
+    mtp = cfg.get("mtp") or {}
+    with named(backend="model.attention.backend", mtp_depth="model.mtp.depth", mtp_weight="model.mtp.weight"):
         return Transformer(cfg["vocab_size"], dim, blocks, final_norm, positional,
                            tie_embeddings=cfg.get("tie_embeddings", False), nope_layers=nope,
-                           kernels=cfg.get("kernels", "auto"), init_std=cfg.get("init_std", 0.02))
+                           kernels=cfg.get("kernels", "auto"), init_std=cfg.get("init_std", 0.02),
+                           mtp_depth=mtp.get("depth", 0), mtp_weight=mtp.get("weight", 0.3))
 
 # %% ../nbs/06_config.ipynb #c7d76de4
 def _fail(key: str, value, accepted: str):

@@ -254,11 +254,16 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def param_counts(self) -> dict[str, int]:
-        "Parameters by family: 'embedding', 'lm_head' (none when tied), and each component's family (`count_by_family`)."
+        """Parameters by family: 'embedding', 'lm_head' (none when tied), each component's family (`count_by_family`),
+        and 'mtp', all of the multi-token-prediction modules' own (none without them; the shared embedding and head
+        count once, above)."""
         seen = set()
         counts = count_by_family(self.embed, "embedding", seen) + count_by_family(self.lm_head, "lm_head", seen)
         for part in (self.layers, self.norm, self.positional):
             counts += count_by_family(part, "other", seen)
+        mtp = sum(p.numel() for p in self.mtp.parameters() if id(p) not in seen)
+        if mtp:   # one family for the extra heads: their attention and MLP are not the trunk's
+            counts["mtp"] = mtp
         return dict(counts)
 
     def param_totals(self) -> dict[str, int]:

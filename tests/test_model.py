@@ -338,3 +338,16 @@ def test_mtp_depths_beyond_the_row_are_left_out_and_arguments_checked():
     for bad in (dict(depth=-1), dict(depth=1.5), dict(weight=-0.1)):
         with pytest.raises(ArgumentError):
             with_mtp(tiny_model(), bad.get("depth", 1), bad.get("weight", 0.3))
+
+
+def test_mtp_from_the_config_counts_its_own_parameters():
+    from smollm.config import ConfigError, build_model, compose
+    base = build_model(compose(["model=tiny", "data.vocab_size=128"]).model)
+    m = build_model(compose(["model=tiny", "data.vocab_size=128", "model.mtp.depth=2", "model.mtp.weight=0.1"]).model)
+    assert len(m.mtp) == 2 and m.mtp_weight == 0.1 and "mtp" not in base.param_counts()
+    counts = m.param_counts()
+    assert sum(counts.values()) == m.num_params()                  # every parameter in exactly one family
+    assert counts["mtp"] == m.num_params() - base.num_params() > 0    # the trunk is the same model
+    assert {k: v for k, v in counts.items() if k != "mtp"} == base.param_counts()
+    with pytest.raises(ConfigError, match="model.mtp.depth=-1"):
+        build_model(compose(["model=tiny", "model.mtp.depth=-1"]).model)
