@@ -330,6 +330,7 @@ _FAMILY_NAMES = {   # model_type -> the entries where it differs from Llama's ta
                    "norm.weight", "out_proj.weight", "out_proj.bias")]],
 }
 
+# %% ../nbs/31_hf.ipynb #95b2f997
 def _names(model_type: str) -> list[tuple]:
     "The name table of `model_type`: (HF pattern, smollm pattern) or, for an expert's piece, (HF, smollm, part)."
     return _FAMILY_NAMES.get(model_type, []) + _NAMES
@@ -671,6 +672,7 @@ def _deltanet_parts(m) -> dict:
     return dict(linear_num_value_heads=m.n_v_heads, linear_num_key_heads=m.n_k_heads, linear_key_head_dim=m.head_k_dim,
                 linear_value_head_dim=m.head_v_dim, linear_conv_kernel_dim=m.conv_size, norm_eps=m.norm.eps)
 
+# %% ../nbs/31_hf.ipynb #8f5ebc56
 _ATTENTION_PARAMS = {f"{p}.{w}" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj") for w in ("weight", "bias")} | {
     "q_norm.weight", "k_norm.weight"}   # the tensors of smollm.attention.Attention that HF models have
 
@@ -838,6 +840,7 @@ def _hf_family_config(mt: str, parts: dict, window: int | None) -> dict:
     return dict(use_sliding_window=window is not None, sliding_window=window, max_window_layers=0, layer_types=types,
                 **({"attention_bias": False} if mt == "qwen3" else {}))
 
+# %% ../nbs/31_hf.ipynb #1ec71cc0
 def _hf_mamba2_config(model, parts: dict) -> dict:
     """Mamba2's config.json: the mixer's fields, and residual_in_fp32 false (smollm adds the residual in the model's
     dtype; transformers' default adds it in float32, which differs below float32)."""
