@@ -212,7 +212,7 @@ def test_ablation_experiments_sweep_existing_options(experiment):
 
 
 @pytest.mark.parametrize("experiment,group,left_out", [
-    ("ablate_norm", "model/norm", set()), ("ablate_mlp", "model/mlp", set()),
+    ("ablate_norm", "model/norm", set()), ("ablate_mlp", "model/mlp", {"none"}),
     ("ablate_attention", "model/attention", {"softcap", "sinks"}),
     ("ablate_positional", "model/positional", {o for o in options("model/positional") if o.startswith("rope_")}),
 ])
