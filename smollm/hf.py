@@ -303,11 +303,18 @@ def _experts(hf: str, gate: str, up: str, down: str) -> list[tuple]:
             (f"{hf}.{{e}}.{up}.weight", "layers.{i}.mlp.gate_up_proj", (1, 2)),
             (f"{hf}.{{e}}.{down}.weight", "layers.{i}.mlp.down_proj", (0, 1))]
 
+def _stacked(hf: str) -> list[tuple]:
+    """Name entries of experts stored stacked under `hf` as smollm holds them (transformers 5's own layout, in a
+    state dict saved as it is): accepted when reading; written per expert, as transformers writes them."""
+    return [(f"{hf}.gate_up_proj", "layers.{i}.mlp.gate_up_proj"), (f"{hf}.down_proj", "layers.{i}.mlp.down_proj")]
+
 _FAMILY_NAMES = {   # model_type -> the entries where it differs from Llama's table (looked up first)
     "mixtral": [("model.layers.{i}.block_sparse_moe.gate.weight", "layers.{i}.mlp.router.weight"),
-                *_experts("model.layers.{i}.block_sparse_moe.experts", "w1", "w3", "w2")],
+                *_experts("model.layers.{i}.block_sparse_moe.experts", "w1", "w3", "w2"),
+                ("model.layers.{i}.mlp.gate.weight", "layers.{i}.mlp.router.weight"), *_stacked("model.layers.{i}.mlp.experts")],
     "qwen3_moe": [("model.layers.{i}.mlp.gate.weight", "layers.{i}.mlp.router.weight"),
-                  *_experts("model.layers.{i}.mlp.experts", "gate_proj", "up_proj", "down_proj")],
+                  *_experts("model.layers.{i}.mlp.experts", "gate_proj", "up_proj", "down_proj"),
+                  *_stacked("model.layers.{i}.mlp.experts")],
     "lfm2": [("model.embedding_norm.weight", "norm.weight"),   # LFM2's final norm, despite its name
              ("model.layers.{i}.operator_norm.weight", "layers.{i}.attn_norm.weight"),
              ("model.layers.{i}.ffn_norm.weight", "layers.{i}.mlp_norm.weight"),
@@ -499,6 +506,12 @@ def _check(weights: _Weights, expected: dict[str, torch.Size], tied: bool, model
     """Match checkpoint tensors to smollm parameters: {smollm name: HF name, or {slot: HF name} for a tensor stacked
     from pieces (MoE experts)}, or one CheckpointError listing all problems."""
     wanted = _wanted(expected, model_type)
+    pieced = {n for n, slot in wanted if slot is not None}
+    for hf_name in weights.shapes:   # a tensor stored whole that smollm could also read in pieces: read it whole
+        key = _to_smollm(hf_name, model_type) or _to_smollm("model." + hf_name, model_type)
+        if key and key[1] is None and key[0] in pieced:
+            pieced.discard(key[0])
+            wanted = {k: v for k, v in wanted.items() if k[0] != key[0]} | {key: (hf_name, tuple(expected[key[0]]))}
     plan, found, unexpected, shapes = {}, set(), [], []
     for hf_name in weights.shapes:
         if _SKIPPED.fullmatch(hf_name) or (tied and hf_name == "lm_head.weight"):

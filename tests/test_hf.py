@@ -602,3 +602,19 @@ def test_qwen3_next_decoding(qwen3_next):
     hf, tmp = qwen3_next
     assert_same_decoding(from_hf(tmp / "hf"), hf)
     assert_same_decoding(from_hf(tmp / "hf"), hf, pad=3)
+
+
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
+def test_stacked_experts(tmp_path, case):
+    "A state dict saved as transformers 5 holds it (experts stacked, Mixtral's block under mlp) loads the same."
+    cls, config_cls, kw = FAMILY_CASES[case]
+    hf = hf_checkpoint(tmp_path, cls, config_cls, **kw)
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in sd)
+    (tmp_path / "model.safetensors").unlink()
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert_same_logits(from_hf(tmp_path), hf)
+    sd.pop("model.layers.1.mlp.experts.down_proj")
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.\w+\.experts\.0\.w?\w*"):
+        from_hf(tmp_path)
