@@ -26,11 +26,11 @@ from .runs import (METRIC_COLUMNS, MetricsLog, latest_checkpoint, load_checkpoin
 
 # %% auto #0
 __all__ = ['PEAK_FLOPS', 'LAUNCHER_PLUGINS', 'decay_groups', 'adamw', 'Optimizers', 'muon', 'Cosine', 'WSD', 'Constant',
-           'param_totals', 'flops_per_token', 'peak_flops', 'autocast', 'target_shares', 'accumulate', 'evaluate',
-           'plot_metrics', 'TrainRun', 'per_rank_batch', 'init_model_config', 'with_init_from', 'training_block',
-           'initial_model', 'set_up', 'resume', 'open_run', 'TrainingError', 'train_step', 'score', 'evaluation',
-           'log_metrics', 'checkpoint', 'vs_unigram', 'final_line', 'finish', 'write_samples', 'train',
-           'check_launcher', 'main']
+           'param_totals', 'flops_per_token', 'peak_flops', 'autocast', 'target_shares', 'accumulate', 'take_mtp_loss',
+           'mtp_columns', 'evaluate', 'plot_metrics', 'TrainRun', 'per_rank_batch', 'init_model_config',
+           'with_init_from', 'training_block', 'initial_model', 'set_up', 'resume', 'open_run', 'TrainingError',
+           'train_step', 'score', 'evaluation', 'log_metrics', 'checkpoint', 'vs_unigram', 'final_line', 'finish',
+           'write_samples', 'train', 'check_launcher', 'main']
 
 # %% ../nbs/21_train.ipynb #82800202
 def _table_params(model: nn.Module) -> set[int]:
@@ -212,15 +212,20 @@ def target_shares(batches) -> list[float] | None:
     return [c * world / total for c in counts]
 
 def accumulate(loss_fn, batches, device: torch.device, precision: str = "fp32",
-               aux: Callable[[], torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward over micro-batches [(x, y) or (x, y, doc), ...]; returns this rank's shares of the step's mean loss
-    and of its auxiliary loss (detached; their means over ranks are the step's). Each micro-batch's mean loss is
-    weighted by `target_shares` (1/len(batches) when the counts are equal). `aux`: called after each forward, the
-    auxiliary loss to add (`smollm.moe.take_aux_loss` of the model) or None; weighted 1/len(batches), so that a step
-    has one auxiliary term, the mean over its micro-batches (and ranks), whatever the accumulation. `doc` goes to
-    loss_fn when present. A DDP `loss_fn` averages the gradients over ranks in the last backward pass only."""
+               aux: Callable[[], torch.Tensor | None] | None = None,
+               mtp: Callable[[], tuple[torch.Tensor, float] | None] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward over micro-batches [(x, y) or (x, y, doc), ...]; returns this rank's shares of the step's mean
+    next-token loss, of its auxiliary loss and of its multi-token prediction loss (detached; their means over ranks
+    are the step's). Each micro-batch's mean loss is weighted by `target_shares` (1/len(batches) when the counts are
+    equal). `aux`: called after each forward, the auxiliary loss to add (`smollm.moe.take_aux_loss` of the model) or
+    None; weighted 1/len(batches), so that a step has one auxiliary term, the mean over its micro-batches (and ranks),
+    whatever the accumulation. `mtp`: called after each forward, (the detached loss, its weight) of a term that
+    loss_fn's loss already holds (`take_mtp_loss` of the model) or None; it is weighted as the loss that holds it and
+    taken out of the returned loss, which stays the next-token loss. `doc` goes to loss_fn when present. A DDP
+    `loss_fn` averages the gradients over ranks in the last backward pass only."""
     n, shares = len(batches), target_shares(batches)
-    total, extra = torch.zeros((), device=device), torch.zeros((), device=device)
+    total, extra, other = (torch.zeros((), device=device) for _ in range(3))
     for i, (x, y, *doc) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with grad_sync(loss_fn, enabled=i == n - 1):
@@ -229,10 +234,30 @@ def accumulate(loss_fn, batches, device: torch.device, precision: str = "fp32",
                 loss = loss / n if shares is None else loss * shares[i]
                 a = None if aux is None else aux()
                 a = None if a is None else a / n
+                m = None if mtp is None else mtp()
             (loss if a is None else loss + a).backward()
-        total += loss.detach()
+        if m is None:
+            total += loss.detach()
+        else:                                    # as weighted as the loss that holds it, then taken out of it
+            share = m[0] / n if shares is None else m[0] * shares[i]
+            total += loss.detach() - m[1] * share
+            other += share
         if a is not None: extra += a.detach()
-    return total, extra
+    return total, extra, other
+
+# %% ../nbs/21_train.ipynb #ede12630
+def take_mtp_loss(model: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """The multi-token prediction loss that the training forward just run left in `model.mtp_loss` (detached; reset
+    to None as it is taken) with its weight in the loss that forward returned (`model.mtp_weight`); None when it left
+    none (no MTP modules, or eval mode)."""
+    m = getattr(model, "mtp_loss", None)
+    if not isinstance(m, torch.Tensor): return None
+    model.mtp_loss = None                 # taken once: a later forward without MTP cannot report this one again
+    return m, float(model.mtp_weight)
+
+def mtp_columns(model: nn.Module) -> tuple[str, ...]:
+    "The metrics.csv column `model` adds: 'mtp_loss' when it has multi-token prediction modules (a nonempty `mtp`)."
+    return ("mtp_loss",) if hasattr(model, "mtp_loss") and len(getattr(model, "mtp", None) or ()) else ()
 
 # %% ../nbs/21_train.ipynb #9aaf2478
 @torch.no_grad()
@@ -283,8 +308,8 @@ def plot_metrics(rows: list[dict], path, title: str = "") -> Path:
 
 # %% ../nbs/21_train.ipynb #afe83470
 def _window() -> dict:
-    "Sums over the steps since the last metrics row: loss, auxiliary loss, steps, seconds, tokens."
-    return dict(loss=0.0, aux=0.0, n=0, t=0.0, tokens=0)
+    "Sums over the steps since the last metrics row: loss, auxiliary and MTP losses, steps, seconds, tokens."
+    return dict(loss=0.0, aux=0.0, mtp=0.0, n=0, t=0.0, tokens=0)
 
 @dataclass
 class TrainRun:
@@ -335,12 +360,12 @@ class TrainRun:
     @property
     def resolved(self) -> dict: return OmegaConf.to_container(self.cfg, resolve=True)
 
-    def count(self, loss: float, seconds: float, aux: float = 0.0):
-        "Add a finished step's loss, auxiliary loss and duration to the counters."
+    def count(self, loss: float, seconds: float, aux: float = 0.0, mtp: float = 0.0):
+        "Add a finished step's loss, auxiliary and multi-token prediction losses and duration to the counters."
         self.t_train += seconds
         if self.step > self.start + 1: self.t_steady += seconds
         s = self.since
-        s.update(loss=s["loss"] + loss, aux=s["aux"] + aux, n=s["n"] + 1, t=s["t"] + seconds, tokens=s["tokens"] + self.tokens_per_step)
+        s.update(loss=s["loss"] + loss, aux=s["aux"] + aux, mtp=s["mtp"] + mtp, n=s["n"] + 1, t=s["t"] + seconds, tokens=s["tokens"] + self.tokens_per_step)
         self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
 
     def state(self) -> dict:
@@ -549,7 +574,7 @@ def open_run(run: TrainRun):
     save_config(run.cfg, run.run_dir)
     save_tokenizer(src, run.run_dir)
     columns = (list(METRIC_COLUMNS) + (["val_acc"] if run.accuracy else []) + list(getattr(src, "score_columns", ()))
-               + list(metric_columns(run.model)))
+               + list(metric_columns(run.model)) + list(mtp_columns(run.model)))
     run.log = MetricsLog(run.run_dir / "metrics.csv", columns,
                          keep_until=run.start if run.resumed_from is not None else None)
     counts = _params(run.model)
@@ -572,27 +597,29 @@ def _nonfinite(run: TrainRun, loss: float, grad_norm: float) -> TrainingError:
                          f"(loss {loss}, grad norm {grad_norm}, lr {run.optimizer.param_groups[0]['lr']:.3g}); stopped; "
                          f"the last good checkpoint is {last if last else 'none (no checkpoint was written yet)'}")
 
-def train_step(run: TrainRun) -> tuple[float, float, float]:
+def train_step(run: TrainRun) -> tuple[float, float, float, float]:
     """Optimizer step number run.step: the learning rate from the schedule, grad_accum micro-batches (with the model's
-    auxiliary losses, `take_aux_loss`), clipping, the step, unless the loss or the gradient norm is not finite (then
-    TrainingError, with the weights untouched), and then the routers' `end_step` (smollm.moe: DeepSeek-V3's bias step
-    from the step's load). Each rank takes its slices of the global micro-batches. Returns (this rank's mean loss,
-    the global gradient norm before clipping, this rank's auxiliary loss)."""
+    auxiliary losses, `take_aux_loss`, and its multi-token prediction loss, `take_mtp_loss`), clipping, the step,
+    unless the loss or the gradient norm is not finite (then TrainingError, with the weights untouched), and then the
+    routers' `end_step` (smollm.moe: DeepSeek-V3's bias step from the step's load). Each rank takes its slices of the
+    global micro-batches. Returns (this rank's mean next-token
+    loss, the global gradient norm before clipping, this rank's auxiliary loss, this rank's MTP loss (0: none))."""
     tc, step, T, e = run.tc, run.step, run.block, run.env
     for g in run.optimizer.param_groups: g["lr"] = g["base_lr"] * run.schedule(step)
     batches = [run.source.batch("train", step * tc.grad_accum + i, tc.batch_size, T, run.cfg.seed, e.rank, e.world_size)
                for i in range(tc.grad_accum)]
-    loss, aux = accumulate(run.loss_fn, batches, run.device, tc.precision, aux=lambda: take_aux_loss(run.model))
+    loss, aux, mtp = accumulate(run.loss_fn, batches, run.device, tc.precision, aux=lambda: take_aux_loss(run.model),
+                                mtp=lambda: take_mtp_loss(run.model))
     # the gradients are already averaged over ranks (DDP) or sharded (FSDP2: the norm is a DTensor, over all shards)
     grad_norm = full_value(torch.nn.utils.clip_grad_norm_(run.params, tc.grad_clip if tc.grad_clip else float("inf")))
 
-    loss, grad_norm, aux = torch.stack([loss, grad_norm.to(loss), aux.to(loss)]).tolist()
+    loss, grad_norm, aux, mtp = torch.stack([loss, grad_norm.to(loss), aux.to(loss), mtp.to(loss)]).tolist()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise _nonfinite(run, loss, grad_norm)
     run.optimizer.step(); run.optimizer.zero_grad(set_to_none=True)
     end_step(run.model)                                  # once per optimizer step: all its micro-batches, all ranks
     run.step, run.tokens = step + 1, run.tokens + run.tokens_per_step
-    return loss, grad_norm, aux
+    return loss, grad_norm, aux, mtp
 
 # %% ../nbs/21_train.ipynb #67dbcc49
 def score(run: TrainRun) -> dict:
@@ -619,16 +646,18 @@ def evaluation(run: TrainRun) -> dict:
 def log_metrics(run: TrainRun, grad_norm: float, last: bool = False):
     """After a step: a metrics.csv row when the step is a multiple of log_every, an evaluation step (a multiple of
     eval_every, or max_steps: the row then holds the validation figures and scores), or the `last` step of this
-    process. The training and auxiliary losses and the seconds are means over ranks (every rank calls this); the router
+    process. The training, auxiliary and MTP losses and the seconds are means over ranks (every rank calls this); the router
     statistics (`smollm.moe.router_stats`) are the last step's; rank 0 writes the row."""
     tc, s = run.tc, run.since
     is_eval = run.step % tc.eval_every == 0 or run.step == tc.max_steps
     if not (run.step % tc.log_every == 0 or is_eval or last): return
-    train_loss, aux_loss, seconds = mean_over_ranks(s["loss"] / s["n"], s["aux"] / s["n"], s["t"])
+    train_loss, aux_loss, mtp_loss, seconds = mean_over_ranks(s["loss"] / s["n"], s["aux"] / s["n"], s["mtp"] / s["n"],
+                                                              s["t"])
     tps = s["tokens"] / max(seconds, 1e-9)            # the tokens of all ranks
     mfu = tps * run.flops / (run.peak * run.env.world_size) if run.peak else None
     row = dict(step=run.step, tokens=run.tokens, train_loss=train_loss, lr=run.optimizer.param_groups[0]["lr"],
-               tokens_per_s=tps, grad_norm=grad_norm, mfu=mfu, aux_loss=aux_loss, **router_stats(run.model))
+               tokens_per_s=tps, grad_norm=grad_norm, mfu=mfu, aux_loss=aux_loss, mtp_loss=mtp_loss,
+               **router_stats(run.model))
     if is_eval:
         run.last_eval, run.eval_step = evaluation(run), run.step
         row.update(run.last_eval)
@@ -731,8 +760,8 @@ def train(cfg: DictConfig, run_dir=None, source=None, stop_at: int | None = None
     try:
         while run.step < end:
             t0 = time.perf_counter()
-            loss, grad_norm, aux = train_step(run)
-            run.count(loss, time.perf_counter() - t0, aux)
+            loss, grad_norm, aux, mtp = train_step(run)
+            run.count(loss, time.perf_counter() - t0, aux, mtp)
             bar.update(1)
             bar.set_postfix(loss=f"{run.ema:.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
                             tok_s=f"{run.since['tokens'] / max(run.since['t'], 1e-9):,.0f}", refresh=False)

@@ -349,9 +349,9 @@ def test_moe_trains_on_text_logs_router_columns_and_resumes_exactly(tmp_path):
     assert [[r[c] for c in cols] for r in rows] == [[r[c] for c in cols] for r in resumed]
 
 
-def test_dense_run_has_no_router_columns(tmp_path):
+def test_dense_run_has_no_router_or_mtp_columns(tmp_path):
     train(cfg_of("trainer.max_steps=2"), tmp_path)
-    assert "aux_loss" not in read_metrics(tmp_path / "metrics.csv")[0]
+    assert not {"aux_loss", "mtp_loss"} & set(read_metrics(tmp_path / "metrics.csv")[0])
     assert "active_params" not in json.loads((tmp_path / "run.json").read_text())
 
 
@@ -402,3 +402,66 @@ def test_moe_on_two_processes_matches_one(tmp_path, parallel):
     assert torch.equal(wa["layers.0.mlp.expert_bias"], wb["layers.0.mlp.expert_bias"])
     assert wa["layers.0.mlp.expert_bias"].abs().sum() > 0
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
+
+
+# ------------------------------------------------------------------------------------- multi-token prediction
+
+@pytest.fixture
+def mtp_models(monkeypatch):
+    """Every model built during the test (by train, set_up, build_model) has one multi-token prediction depth at the
+    default weight 0.3: the presets have no key that reaches Transformer's mtp_depth yet."""
+    import smollm.model
+
+    class WithMTP(smollm.model.Transformer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "mtp_depth": kwargs.get("mtp_depth") or 1})
+    monkeypatch.setattr(smollm.model, "Transformer", WithMTP)
+
+
+MTP = ["trainer.grad_accum=2", "trainer.max_steps=4"]
+
+
+def test_mtp_run_logs_mtp_loss_and_keeps_train_and_val_loss_next_token(tmp_path, mtp_models):
+    import torch.nn.functional as F
+    cfg = cfg_of(*MTP)
+    train(cfg, tmp_path / "run")
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert list(rows[0])[-1] == "mtp_loss" and [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["mtp_loss"]) and 0.5 * r["train_loss"] < r["mtp_loss"] < 2 * r["train_loss"] for r in rows)
+    # step 1 by hand, from the same initial weights and micro-batches: the next-token loss and the MTP loss apart
+    run = set_up(cfg, tmp_path / "by_hand")
+    m, tc = run.model.train(), cfg.trainer
+    assert len(m.mtp) == 1
+    ce, extra = [], []
+    with torch.no_grad():
+        for i in range(tc.grad_accum):
+            x, y = run.source.batch("train", i, tc.batch_size, run.block, cfg.seed, 0, 1)[:2]
+            ce.append(F.cross_entropy(m(x).flatten(0, 1), y.flatten()))           # the main head alone
+            extra.append(m.mtp_losses(m.residual_stream(x), x, y).mean())
+    ce, extra = float(sum(ce) / len(ce)), float(sum(extra) / len(extra))
+    assert rows[0]["train_loss"] == pytest.approx(ce, abs=1e-5)              # not ce + 0.3 * extra
+    assert rows[0]["mtp_loss"] == pytest.approx(extra, abs=1e-5)
+    assert abs(extra - ce) > 1e-3                                           # the two columns can be told apart
+    # the validation loss at step 4 is the trained model's plain next-token loss
+    saved = build_model(cfg.model)
+    load_checkpoint(latest_checkpoint(tmp_path / "run" / "checkpoints"), saved)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y, *_ in run.val:
+            total += float(F.cross_entropy(saved.eval()(x).flatten(0, 1), y.flatten(), reduction="sum"))
+            count += int((y != -100).sum())
+            with_mtp = float(saved.train().loss(x, y))                      # what training mode would have given
+            assert abs(with_mtp - float(saved.eval().loss(x, y))) > 1e-3
+    assert rows[-1]["val_loss"] == pytest.approx(total / count, abs=1e-5)
+
+
+def test_mtp_resume_is_exact(tmp_path, mtp_models):
+    cfg = cfg_of(*MTP, "trainer.ckpt_every=3")
+    train(cfg, tmp_path / "straight")
+    train(cfg, tmp_path / "resumed", stop_at=2)
+    train(cfg_of(*MTP, "trainer.ckpt_every=3", "trainer.resume=true"), tmp_path / "resumed")
+    cfg = cfg_of(*MTP)
+    a, b = (read_metrics(tmp_path / d / "metrics.csv") for d in ("straight", "resumed"))
+    assert [r["mtp_loss"] for r in a] == [r["mtp_loss"] for r in b] and all(r["mtp_loss"] > 0 for r in a)
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", cfg)
+    assert any(k.startswith("mtp.0.") for k in weights(tmp_path / "straight", cfg))   # the MTP weights resumed too
