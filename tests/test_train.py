@@ -1,5 +1,6 @@
 """The training loop end to end, at a tiny size: exact resume (in-process and after SIGKILL), the stop on a
-non-finite loss, metrics.csv, checkpoint atomicity, the command line on real text, config errors."""
+non-finite loss, metrics.csv, checkpoint atomicity, the command line on real text, config errors, the MoE router
+columns and the multi-token prediction column."""
 import json
 import math
 import os
@@ -465,3 +466,48 @@ def test_mtp_resume_is_exact(tmp_path, mtp_models):
     assert [r["mtp_loss"] for r in a] == [r["mtp_loss"] for r in b] and all(r["mtp_loss"] > 0 for r in a)
     assert_same_run(tmp_path / "straight", tmp_path / "resumed", cfg)
     assert any(k.startswith("mtp.0.") for k in weights(tmp_path / "straight", cfg))   # the MTP weights resumed too
+
+
+MTP_MAIN = textwrap.dedent("""
+    import sys
+    import smollm.model, smollm.train
+    class WithMTP(smollm.model.Transformer):   # as the mtp_models fixture, in each process torchrun starts
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "mtp_depth": kwargs.get("mtp_depth") or 1})
+    smollm.model.Transformer = WithMTP
+    sys.argv = ["smollm-train", *sys.argv[1:]]
+    smollm.train.main()
+""")
+
+
+@pytest.mark.slow   # about 30 s each
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_mtp_on_two_processes_matches_one(tmp_path, mtp_models, parallel):
+    """torchrun with 2 gloo ranks, each holding half of every micro-batch (MQAR: the same count of next-token and of
+    MTP targets in every row): train_loss and mtp_loss are one process's, reduced over micro-batches and ranks."""
+    common = ["trainer.global_batch_size=8", "trainer.grad_accum=2", "trainer.max_steps=4", "trainer.ckpt_every=100"]
+    train(cfg_of(*common), tmp_path / "one")
+    script = tmp_path / "mtp_main.py"
+    script.write_text(MTP_MAIN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
+    p = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), *TINY, *common,
+                        f"trainer.parallel={parallel}", f"hydra.run.dir={tmp_path / 'two'}"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = (read_metrics(tmp_path / d / "metrics.csv") for d in ("one", "two"))
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["mtp_loss"] > 0
+        assert ra["train_loss"] == pytest.approx(rb["train_loss"], abs=1e-5)
+        assert ra["mtp_loss"] == pytest.approx(rb["mtp_loss"], abs=1e-5)
+    assert a[-1]["val_loss"] == pytest.approx(b[-1]["val_loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_mtp_compiled_matches_eager(tmp_path, mtp_models):
+    "torch.compile of the loss keeps the MTP loss the model leaves in mtp_loss (to float tolerance)."
+    train(cfg_of(*MTP), tmp_path / "eager")
+    train(cfg_of(*MTP, "trainer.compile=true"), tmp_path / "compiled")
+    cols = ["train_loss", "mtp_loss"]
+    a, b = (read_metrics(tmp_path / d / "metrics.csv") for d in ("eager", "compiled"))
+    assert all(r["mtp_loss"] > 0 for r in b)
+    assert [r[c] for r in a for c in cols] == pytest.approx([r[c] for r in b for c in cols], rel=1e-4)
