@@ -220,9 +220,9 @@ def _hf_mamba2(cfg: dict) -> list[str]:
     return ov
 
 # %% ../nbs/31_hf.ipynb #22d0ec83
-_QK_NORM = ("qwen3", "qwen3_moe", "lfm2", "qwen3_next")           # RMSNorm over head_dim on q and k, with the model's eps
-_HEAD_DIM = {"qwen3": 128, "qwen3_next": 256}                           # config classes whose head_dim default is not dim // n_heads
-_TIED = {"lfm2": True, "smollm3": True}              # config classes that tie the embeddings by default
+_QK_NORM = ("qwen3", "qwen3_moe", "lfm2", "qwen3_next")   # RMSNorm over head_dim on q and k, with the model's eps
+_HEAD_DIM = {"qwen3": 128, "qwen3_next": 256}             # config classes whose head_dim default is not dim // n_heads
+_TIED = {"lfm2": True, "smollm3": True}                   # config classes that tie the embeddings by default
 
 def _hf_qwen3_next(cfg: dict, eps: float) -> list[str]:
     """Qwen3-Next's pieces: gated attention (output_gate), (1 + w) RMSNorms everywhere (unit_offset), and its
@@ -701,7 +701,7 @@ def _hf_parts(model) -> dict:
     pos = model.positional
     if not isinstance(pos, RoPE):
         _fail("positional", type(pos).__name__, "the HF models rotate queries and keys with RoPE")
-    norms, kinds, convs, mlps = [model.norm], [], [], []
+    norms, kinds, mixers, mlps = [model.norm], [], [], []  # mixers: each mixer layer's HF fields
     for i, blk in enumerate(model.layers):
         if blk.placement != "pre" or blk.parallel:
             _fail(f"layers.{i}", f"placement={blk.placement!r}, parallel={blk.parallel}", "HF blocks are pre-norm, sequential")
@@ -709,15 +709,15 @@ def _hf_parts(model) -> dict:
         norms += [n for n in (blk.attn_norm, blk.mlp_norm) if n is not None]
         if type(blk.attn) is ShortConv:   # LFM2's
             kinds.append("C")
-            convs.append((blk.attn.kernel_size, blk.attn.conv_bias is not None))
+            mixers.append((blk.attn.kernel_size, blk.attn.conv_bias is not None))
             continue
         if type(blk.attn) is Mamba2:
             kinds.append("M")
-            convs.append(_mamba2_parts(blk.attn))
+            mixers.append(_mamba2_parts(blk.attn))
             continue
         if type(blk.attn) is GatedDeltaNet:   # Qwen3-Next's
             kinds.append("D")
-            convs.append(_deltanet_parts(blk.attn))
+            mixers.append(_deltanet_parts(blk.attn))
             continue
         if type(blk.attn) is not Attention:
             _fail(f"layers.{i}.attn", type(blk.attn).__name__, "HF attention is smollm.attention.Attention, LFM2's "
@@ -738,7 +738,8 @@ def _hf_parts(model) -> dict:
             _fail(f"layers.{i}.attn", f"parameters {sorted(extra)}", "the HF model types to_hf writes have no such tensors")
     shape = {(a.n_heads, a.n_kv_heads, a.head_dim, a.q_proj.bias is not None, a.q_norm is not None,
               a.gate_proj is not None) for a in attn}
-    if len(shape) > 1 or len({n.eps for n in norms}) != 1 or len({str(c) for c in convs}) > 1 or len({str(m) for m in mlps}) != 1:
+    if len(shape) > 1 or len({n.eps for n in norms}) != 1 or len({str(m) for m in mixers}) > 1 or \
+            len({str(m) for m in mlps}) != 1:
         _fail("layers", "layers of different shapes or norm eps", "HF layers are all alike, with one eps for every norm")
     if not attn and "M" not in kinds:
         _fail("layers", "no attention layer", "an LFM2 has attention layers (HF reads the heads off them)")
@@ -746,18 +747,19 @@ def _hf_parts(model) -> dict:
     return dict(n_heads=n_heads, n_kv=n_kv, head_dim=head_dim, qkv_bias=qkv_bias, qk_norm=qk_norm, eps=norms[0].eps,
                 gate=gate, unit_offset=norms[0].unit_offset, fraction=pos.fraction,
                 windows=[blk.attn.window if k in "GN" else None for blk, k in zip(model.layers, kinds)],
-                kinds="".join(kinds), conv=convs[0] if convs else None, **mlps[0])
+                kinds="".join(kinds), mixer=mixers[0] if mixers else None, **mlps[0])
 
 # %% ../nbs/31_hf.ipynb #a063ff1b
 def _hf_family(parts: dict) -> str | None:
-    "The model type a hybrid, MoE or NoPE model must be (lfm2, qwen3_moe, mixtral, smollm3); None: the Llama family's."
+    """The model type a hybrid, MoE or NoPE model must be (mamba2, qwen3_next, lfm2, qwen3_moe, mixtral, smollm3);
+    None: the Llama family's."""
     kinds, moe = parts.get("kinds", ""), parts.get("moe")
     if "M" in kinds:
         if set(kinds) != {"M"} or parts["hidden"] is not None:
             _fail("layers", "Mamba2 layers with attention, convolutions or an MLP", "HF Mamba2's layers are the "
                   "mixer alone (the hybrids that mix it with attention, Bamba, Jamba, Falcon-H1, are not written)")
-        if parts["conv"]["layer_norm_epsilon"] != parts["eps"]:
-            _fail("layers.attn.norm", f"eps={parts['conv']['layer_norm_epsilon']}", "HF Mamba2 has one eps, "
+        if parts["mixer"]["layer_norm_epsilon"] != parts["eps"]:
+            _fail("layers.attn.norm", f"eps={parts['mixer']['layer_norm_epsilon']}", "HF Mamba2 has one eps, "
                   f"layer_norm_epsilon, for its norms and the mixer's (here {parts['eps']})")
         return "mamba2"
     if parts.get("hidden", 0) is None:
@@ -769,8 +771,8 @@ def _hf_family(parts: dict) -> str | None:
                   "Qwen3-Next's layers are Gated DeltaNet (D) or global attention (G) with an output gate, QK-norm and "
                   "no biases, every RMSNorm (1 + w) (unit_offset), and a SwiGLU (its MoE's sigmoid-gated shared expert "
                   "smollm lacks)")
-        if "D" in kinds and (parts["conv"]["norm_eps"] != parts["eps"]):
-            _fail("layers.attn.norm", f"eps={parts['conv']['norm_eps']}", "Qwen3-Next has one rms_norm_eps")
+        if "D" in kinds and (parts["mixer"]["norm_eps"] != parts["eps"]):
+            _fail("layers.attn.norm", f"eps={parts['mixer']['norm_eps']}", "Qwen3-Next has one rms_norm_eps")
         return "qwen3_next"
     if parts.get("unit_offset"):
         _fail("norm", "RMSNorm with unit_offset", "only Qwen3-Next's RMSNorms are (1 + w)")
@@ -839,11 +841,11 @@ def _hf_family_config(mt: str, parts: dict, window: int | None) -> dict:
                     norm_topk_prob=moe["norm_topk"], decoder_sparse_step=1, mlp_only_layers=[],
                     router_aux_loss_coef=moe["aux"])
     if mt == "lfm2":        # the width as it is: no 2/3 adjustment
-        kernel, bias = parts["conv"]
+        kernel, bias = parts["mixer"]
         return dict(layer_types=types, conv_L_cache=kernel, conv_bias=bias, block_auto_adjust_ff_dim=False,
                     norm_eps=parts["eps"])
     if mt == "qwen3_next":   # every MLP dense: mlp_only_layers lists every layer
-        d = {k: v for k, v in (parts["conv"] or {}).items() if k != "norm_eps"}
+        d = {k: v for k, v in (parts["mixer"] or {}).items() if k != "norm_eps"}
         return dict(layer_types=types, attention_bias=False, mlp_only_layers=list(range(len(types))),
                     decoder_sparse_step=1, partial_rotary_factor=parts["fraction"], **d)
     if mt == "smollm3":
@@ -858,7 +860,7 @@ def _hf_mamba2_config(model, parts: dict) -> dict:
     """Mamba2's config.json: the mixer's fields, and residual_in_fp32 false (smollm adds the residual in the model's
     dtype; transformers' default adds it in float32, which differs below float32)."""
     dtype = str(model.embed.weight.dtype).removeprefix("torch.")
-    m2 = dict(parts["conv"])
+    m2 = dict(parts["mixer"])
     if m2["time_step_limit"] == [0.0, float("inf")]:
         del m2["time_step_limit"]            # the default; JSON has no infinity
     return dict(architectures=[_ARCHITECTURES["mamba2"]], model_type="mamba2", vocab_size=model.vocab_size,

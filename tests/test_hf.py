@@ -203,6 +203,8 @@ NO_HF = {   # overrides -> the component the error must name
     "model.layer_pattern=CG": "short convolutions with attention without QK-norm",
     "+model/mixer@model.mixers.M=mamba2 model.layer_pattern=MG model/mlp=none": "Mamba2 layers with attention",
     "model/mlp=none": "mlp: none has no",
+    "+model/mixer@model.mixers.M=mamba2 model.layer_pattern=M model/mlp=none ++model.mixers.M.norm_eps=1e-6":
+        "layers.attn.norm: eps=1e-06",
     "model.norm.unit_offset=true": "norm: RMSNorm with unit_offset",
     "model.value_residual=true": "layers.1.attn: parameters",
     "model/attention=differential": "layers.0.attn: DiffAttention",
