@@ -556,6 +556,9 @@ def test_qwen3_next_refused(qwen3_next):
     gated = build_model(compose(BASE + ["model.attention.output_gate=true"]).model)
     with pytest.raises(CheckpointError, match="not as Qwen3-Next has them"):
         to_hf(gated, tmp / "gated")
+    eps = [o for o in FAMILY_TO_HF["qwen3_next"][0] if "norm_eps" not in o]   # the mixer's 1e-6, the model's 1e-5
+    with pytest.raises(CheckpointError, match="layers.attn.norm: eps=1e-06 has no Hugging Face equivalent"):
+        to_hf(build_model(compose(BASE + eps).model), tmp / "eps")
 
 
 def assert_same_decoding(ours, hf, T=10, steps=8, atol=1e-4, full=False, pad=0):
