@@ -343,6 +343,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'smollm.hf._rename': ('hf.html#_rename', 'smollm/hf.py'),
                            'smollm.hf._safetensors_header': ('hf.html#_safetensors_header', 'smollm/hf.py'),
                            'smollm.hf._split_for': ('hf.html#_split_for', 'smollm/hf.py'),
+                           'smollm.hf._stacked': ('hf.html#_stacked', 'smollm/hf.py'),
                            'smollm.hf._to_hf': ('hf.html#_to_hf', 'smollm/hf.py'),
                            'smollm.hf._to_smollm': ('hf.html#_to_smollm', 'smollm/hf.py'),
                            'smollm.hf._token': ('hf.html#_token', 'smollm/hf.py'),

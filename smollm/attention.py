@@ -14,10 +14,10 @@ from .kernels import attention, attention_ref
 from .norms import RMSNorm
 
 # %% auto #0
-__all__ = ['CAPABILITIES', 'BACKENDS', 'GrowingCache', 'StaticCache', 'visible', 'visible_keys', 'padding_bias', 'document_mask',
-           'Backend', 'supporting', 'cannot', 'refuse', 'bias_need', 'bias_and_visible', 'SDPA', 'Eager', 'Fused',
-           'attend', 'capability_table', 'kernel_table', 'SelfAttention', 'Attention', 'MLA', 'diff_lambda_init',
-           'DiffAttention', 'FirstValues']
+__all__ = ['CAPABILITIES', 'BACKENDS', 'QK_NORM_SCOPES', 'GrowingCache', 'StaticCache', 'visible', 'visible_keys', 'padding_bias',
+           'document_mask', 'Backend', 'supporting', 'cannot', 'refuse', 'bias_need', 'bias_and_visible', 'SDPA',
+           'Eager', 'Fused', 'attend', 'capability_table', 'kernel_table', 'SelfAttention', 'Attention', 'MLA',
+           'diff_lambda_init', 'DiffAttention', 'FirstValues']
 
 # %% ../nbs/03_attention.ipynb #a174104b
 class GrowingCache:
@@ -424,23 +424,31 @@ class SelfAttention(nn.Module):
             refuse(self.backend, need, of=f" (positional {type(positional).__name__})")
 
 # %% ../nbs/03_attention.ipynb #badf6528
+QK_NORM_SCOPES = ("head", "all")   # what qk_norm normalises over: each head's channels, or all of q's (of k's)
+
 class Attention(SelfAttention):
     """Causal self-attention with n_heads query heads sharing n_kv_heads key/value heads, and optional extras:
-    qkv_bias, qk_norm (a `norm` over head_dim on q and k; `norm` is a callable dim -> module), softcap, output_gate
+    qkv_bias, qk_norm (a `norm` on q and k before the rotary; `norm` is a callable dim -> module) over each head's
+    head_dim (qk_norm_scope 'head': Qwen3, Gemma-3) or over the whole projection, every head's channels together
+    (qk_norm_scope 'all': OLMo-2, OLMoE), softcap, output_gate
     (sigmoid(W_g x) on the output), sinks (a learned logit per head), value_residual (value residual learning).
     See SelfAttention for the rest."""
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None,
                  window: int | None = None, qkv_bias: bool = False, qk_norm: bool = False,
                  softcap: float | None = None, output_gate: bool = False, sinks: bool = False,
-                 backend: str = "sdpa", norm: Callable[[int], nn.Module] = RMSNorm, value_residual: bool = False):
+                 backend: str = "sdpa", norm: Callable[[int], nn.Module] = RMSNorm, value_residual: bool = False,
+                 qk_norm_scope: str = "head"):
         super().__init__(dim, n_heads, n_kv_heads, head_dim, window, softcap, sinks, backend, value_residual)
+        check(qk_norm_scope in QK_NORM_SCOPES, "qk_norm_scope", qk_norm_scope, f"one of {QK_NORM_SCOPES}")
         H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
         self.q_proj = nn.Linear(dim, H * hd, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, Hkv * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(dim, Hkv * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(H * hd, dim, bias=False)
         self.o_proj.residual_out = True   # scaled down at init by depth
-        self.q_norm, self.k_norm = (norm(hd), norm(hd)) if qk_norm else (None, None)
+        self.qk_norm_scope = qk_norm_scope
+        q_width, k_width = (hd, hd) if qk_norm_scope == "head" else (H * hd, Hkv * hd)
+        self.q_norm, self.k_norm = (norm(q_width), norm(k_width)) if qk_norm else (None, None)
         self.gate_proj = nn.Linear(dim, H * hd, bias=False) if output_gate else None
         self.sinks = nn.Parameter(torch.zeros(H)) if sinks else None
 
@@ -452,9 +460,12 @@ class Attention(SelfAttention):
         self.check_doc(doc, cache)
         B, T, _ = x.shape
         heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)            # (B, T, h*hd) -> (B, h, T, hd)
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None and self.qk_norm_scope == "all":   # each token's whole q and k: before the split
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = heads(q), heads(k), heads(v)
         v = self.mix_values(v, values)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.qk_norm_scope == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = positional.rotate(q, k, pos)
         key_pos = None

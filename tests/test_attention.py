@@ -36,6 +36,8 @@ EXTRA = {
                           "model.attention.window=4"),
     "mla_softcap_eager": ("model/attention=mla", "model.attention.softcap=0.05", "model.attention.backend=eager"),
     "qk_norm_dyt": ("model/attention=qk_norm", "+model/norm@model.attention.norm=dyt"),
+    "qk_norm_all_dyt": ("model/attention=qk_norm_all", "+model/norm@model.attention.norm=dyt"),
+    "qk_norm_all_window": ("model/attention=qk_norm_all", "++model.attention.window=4", "model.layer_pattern=SG"),
     "mla_latent_layernorm": ("model/attention=mla", "model.attention.q_lora_rank=24",
                              "+model/norm@model.attention.norm=layernorm"),
     "value_residual": ("model/attention=gqa", "model.value_residual=true", "model.n_layers=3"),
@@ -123,6 +125,9 @@ def test_options_take_effect():
     assert model("pattern_SN").nope_layers == {1}
     assert isinstance(model("mla").layers[0].attn, MLA)
     assert [model(n).layers[0].attn.n_kv_heads for n in ("mha", "gqa", "mqa")] == [4, 2, 1]
+    a = model("qk_norm_all").layers[0].attn   # whole projections: n_heads * head_dim and n_kv_heads * head_dim wide
+    assert a.q_norm.weight.shape == (a.n_heads * a.head_dim,) and a.k_norm.weight.shape == (a.n_kv_heads * a.head_dim,)
+    assert model("qk_norm").layers[0].attn.q_norm.weight.shape == (a.head_dim,)
 
 
 # ---- causality and the KV cache, for every attention x positional --------------------------------------------
@@ -201,8 +206,12 @@ def attention_reference(a: Attention, x):
     "What `a` computes on x (B, n, dim) with RoPE at positions 0..n-1, from its weights and the papers' formulas."
     B, n, _ = x.shape
     H, G, hd = a.n_heads, a.n_heads // a.n_kv_heads, a.head_dim
-    q, k, v = (p(x).view(B, n, -1, hd).transpose(1, 2) for p in (a.q_proj, a.k_proj, a.v_proj))
-    if a.q_norm is not None:
+    q, k, v = (p(x) for p in (a.q_proj, a.k_proj, a.v_proj))
+    whole = a.q_norm is not None and a.qk_norm_scope == "all"   # OLMoE: over each token's whole q and whole k
+    if whole:
+        q, k = norm(a.q_norm, q), norm(a.k_norm, k)
+    q, k, v = (t.view(B, n, -1, hd).transpose(1, 2) for t in (q, k, v))
+    if a.q_norm is not None and not whole:
         q, k = norm(a.q_norm, q), norm(a.k_norm, k)
     pos = torch.arange(n)
     q, k = rope(q, pos), rope(k, pos)
@@ -222,7 +231,7 @@ def attention_reference(a: Attention, x):
 
 @pytest.mark.parametrize("opts", [dict(), dict(window=3), dict(softcap=2.0), dict(softcap=2.0, window=4),
                                   dict(sinks=True), dict(sinks=True, window=3), dict(qk_norm=True),
-                                  dict(output_gate=True), dict(qkv_bias=True, qk_norm=True, sinks=True,
+                                  dict(qk_norm=True, qk_norm_scope="all"), dict(output_gate=True), dict(qkv_bias=True, qk_norm=True, sinks=True,
                                                                output_gate=True, window=5)],
                          ids=lambda o: "+".join(o) or "plain")
 @pytest.mark.parametrize("kv", [4, 2, 1])
@@ -384,6 +393,8 @@ def test_errors():
         Attention(32, 4, sinks=True, backend="fused")
     with pytest.raises(ArgumentError, match="backend='flash' is not valid: one of " + re.escape(str(list(BACKENDS)))):
         Attention(32, 4, backend="flash")
+    with pytest.raises(ArgumentError, match="qk_norm_scope='heads' is not valid: one of"):
+        Attention(32, 4, qk_norm=True, qk_norm_scope="heads")
     with pytest.raises(ArgumentError, match="n_kv_heads=2 is not valid: None or n_heads=4: MLA"):
         MLA(32, 4, n_kv_heads=2)
     with pytest.raises(ArgumentError, match="qk_rope_head_dim=3"):
