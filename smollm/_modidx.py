@@ -323,6 +323,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'smollm.hf._hf_mlp': ('hf.html#_hf_mlp', 'smollm/hf.py'),
                            'smollm.hf._hf_mlp_parts': ('hf.html#_hf_mlp_parts', 'smollm/hf.py'),
                            'smollm.hf._hf_model_type': ('hf.html#_hf_model_type', 'smollm/hf.py'),
+                           'smollm.hf._hf_olmoe': ('hf.html#_hf_olmoe', 'smollm/hf.py'),
                            'smollm.hf._hf_parts': ('hf.html#_hf_parts', 'smollm/hf.py'),
                            'smollm.hf._hf_qwen3_next': ('hf.html#_hf_qwen3_next', 'smollm/hf.py'),
                            'smollm.hf._hf_rope_keys': ('hf.html#_hf_rope_keys', 'smollm/hf.py'),

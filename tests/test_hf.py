@@ -199,6 +199,8 @@ NO_HF = {   # overrides -> the component the error must name
     "model.placement=post": "placement='post'",
     "model.layer_pattern=GN model/attention=qk_norm": "NoPE layers with QK-norm",
     "model/mlp=moe model.mlp.n_shared=1": "mlp.n_shared: 1",
+    "model/attention=qk_norm_all": "attention.qk_norm_scope: all has no Hugging Face equivalent (only OLMoE",   # dense: OLMo-2
+    "model/attention=qk_norm_all model/mlp=moe model.head_dim=32": "attention.qk_norm_scope: all",
     "model/mlp=moe model.mlp.norm_topk=false": "mlp.norm_topk: False",
     "model.layer_pattern=CG": "short convolutions with attention without QK-norm",
     "+model/mixer@model.mixers.M=mamba2 model.layer_pattern=MG model/mlp=none": "Mamba2 layers with attention",
@@ -231,6 +233,10 @@ FAMILY_CASES = {   # name -> (model class, config class, config fields)
     "qwen3_moe": (Qwen3MoeForCausalLM, Qwen3MoeConfig, MOE | dict(num_experts=4, moe_intermediate_size=32, head_dim=32)),
     "qwen3_moe_norm_topk": (Qwen3MoeForCausalLM, Qwen3MoeConfig, MOE | dict(
         num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, norm_topk_prob=True)),
+    "olmoe": (OlmoeForCausalLM, OlmoeConfig, MOE | dict(num_experts=4, intermediate_size=32)),
+    "olmoe_mha_norm_topk_tied": (OlmoeForCausalLM, OlmoeConfig, dict(
+        num_key_value_heads=4, num_experts=6, num_experts_per_tok=3, intermediate_size=16, norm_topk_prob=True,
+        tie_word_embeddings=True)),
     "lfm2": (Lfm2ForCausalLM, Lfm2Config, dict(num_key_value_heads=2, num_hidden_layers=4, norm_eps=1e-5,
                                                 layer_types=["conv", "conv", "full_attention", "conv"], block_multiple_of=16)),
     "lfm2_bias_kernel": (Lfm2ForCausalLM, Lfm2Config, dict(
@@ -275,6 +281,8 @@ def test_families_read_what_matters(tmp_path):
         with pytest.raises(AssertionError):
             assert_same_logits(ours, hf)
     undone("qwen3_moe_norm_topk", lambda m: [setattr(b.mlp, "norm_topk", False) for b in m.layers])
+    undone("olmoe", lambda m: [setattr(b.mlp, "norm_topk", True) for b in m.layers])      # OLMoE does not renormalise
+    undone("olmoe", lambda m: [b.attn.q_norm.weight.data.mul_(torch.linspace(0.5, 1.5, 64)) for b in m.layers])
     undone("mixtral_window_tied", lambda m: [setattr(b.attn, "window", None) for b in m.layers])
     undone("smollm3", lambda m: setattr(m, "nope_layers", frozenset()))
     undone("mamba2_limit_bias_tied", lambda m: [setattr(b.attn, "dt_limit", (0.0, float("inf"))) for b in m.layers])
@@ -288,10 +296,10 @@ def test_families_read_what_matters(tmp_path):
 def test_families_refused(tmp_path):
     "What smollm cannot express fails with what it lacks, before any weight is read."
     hf_checkpoint(tmp_path, OlmoeForCausalLM, OlmoeConfig, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
-    with pytest.raises(CheckpointError, match="model_type='olmoe' cannot be expressed in smollm: .*whole q and k"):
-        from_hf(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     for extra, err in [({"model_type": "gpt_oss"}, "'gpt_oss' cannot be expressed.*biases on o_proj.*swiglu_limit"),
+                       ({"clip_qkv": 8.0}, "clip_qkv=8.0: OLMoE clamps q, k and v"),
+                       ({"head_dim": 8}, "head_dim=8: OLMoE's q_norm is hidden_size=64 wide"),
                        ({"model_type": "mamba2", "num_heads": 3, "head_dim": 8}, "num_heads=3 is not expand"),
                        ({"model_type": "qwen3_moe", "mlp_only_layers": [1]}, "all have the same MLP"),
                        ({"model_type": "qwen3_moe", "attention_bias": True}, "attention_bias=true gives o_proj"),
@@ -315,6 +323,8 @@ FAMILY_TO_HF = {   # smollm overrides -> the model type they go out as
     "mixtral": (["model/mlp=moe", "model.mlp.expert_hidden=32", "model.mlp.n_experts=4"], "mixtral"),
     "qwen3_moe": (["model/mlp=moe", "model.mlp.expert_hidden=16", "model.mlp.n_experts=6", "model.mlp.top_k=3",
                    "model.mlp.norm_topk=false", "model/attention=qk_norm"], "qwen3_moe"),
+    "olmoe": (["model/mlp=moe", "model.mlp.expert_hidden=16", "model.mlp.n_experts=6", "model.mlp.top_k=3",
+               "model.mlp.norm_topk=false", "model/attention=qk_norm_all"], "olmoe"),
     "lfm2": (["model/attention=qk_norm", "model.n_layers=3", "model.layer_pattern=CCG", "model.mixers.C.bias=true"],
              "lfm2"),
     "smollm3": (["model.n_layers=4", "++model.attention.window=8", "model.layer_pattern=SGSN"], "smollm3"),
@@ -595,7 +605,7 @@ def test_family_decoding(tmp_path, case):
             assert_same_decoding(from_hf(tmp_path), hf)
 
 
-@pytest.mark.parametrize("case", ["mixtral_window_tied", "qwen3_moe", "lfm2", "smollm3", "mamba2"])
+@pytest.mark.parametrize("case", ["mixtral_window_tied", "qwen3_moe", "olmoe", "lfm2", "smollm3", "mamba2"])
 def test_family_decoding_left_padded(tmp_path, case):
     "A left-padded prompt decodes as transformers decodes it with its attention_mask (positions counted from the pad)."
     cls, config_cls, kw = FAMILY_CASES[case]
@@ -609,7 +619,7 @@ def test_qwen3_next_decoding(qwen3_next):
     assert_same_decoding(from_hf(tmp / "hf"), hf, pad=3)
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen3_moe", "olmoe"])
 def test_stacked_experts(tmp_path, case):
     "A state dict saved as transformers 5 holds it (experts stacked, Mixtral's block under mlp) loads the same."
     cls, config_cls, kw = FAMILY_CASES[case]
