@@ -98,18 +98,23 @@ class MoE(MLP):
     weights (Mixtral, Qwen3-MoE) or not (OLMoE).
     `aux_loss_weight`: weight of the load-balancing loss left in `self.aux_loss` after each forward;
     `bias_update_rate`: DeepSeek-V3's auxiliary-loss-free bias step, taken once per optimizer step by `end_step`
-    (0: off). It follows the router protocol (`take_aux_loss`, `end_step`, `router_stats`)."""
+    (0: off). `shared_gate`: the shared experts' output is scaled per token by sigmoid(w · x), a learned
+    Linear(dim, 1) (Qwen2-MoE, Qwen3-Next); needs n_shared >= 1. It follows the router protocol (`take_aux_loss`,
+    `end_step`, `router_stats`)."""
     gated = True
     impl = "auto"
 
     def __init__(self, dim: int, hidden: int, n_experts: int = 4, top_k: int = 2, n_shared: int = 0,
                  expert_hidden: int | None = None, match: str = "active", norm_topk: bool = True,
-                 aux_loss_weight: float = 0.01, bias_update_rate: float = 0.0, init_std: float = 0.02):
+                 aux_loss_weight: float = 0.01, bias_update_rate: float = 0.0, init_std: float = 0.02,
+                 shared_gate: bool = False):
         super().__init__()
         check(isinstance(n_experts, int) and n_experts >= 1, "n_experts", n_experts, "a positive integer")
         check(isinstance(top_k, int) and 1 <= top_k <= n_experts, "top_k", top_k,
               f"an integer in 1..n_experts={n_experts}")
         check(isinstance(n_shared, int) and n_shared >= 0, "n_shared", n_shared, "a non-negative integer")
+        check(not shared_gate or n_shared >= 1, "shared_gate", shared_gate,
+              f"False with n_shared={n_shared} (the gate scales the shared experts' output: set n_shared >= 1)")
         check(match in MATCH_RULES, "match", match, f"one of {MATCH_RULES}")
         share = (top_k if match == "active" else n_experts) + n_shared
         eh = hidden // share if expert_hidden is None else expert_hidden
@@ -124,6 +129,7 @@ class MoE(MLP):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, eh))
         self.init_weights(init_std, init_std)
         self.shared = SwiGLU(dim, n_shared * eh) if n_shared else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_gate else None   # sigmoid(w · x) per token
         self.register_buffer("expert_bias", torch.zeros(n_experts))
         # sums over the training forwards since the last end_step: assignments per expert, entropy x tokens, tokens
         self.register_buffer("step_sums", torch.zeros(n_experts + 2), persistent=False)
@@ -143,7 +149,10 @@ class MoE(MLP):
                                      self.expert_bias if self.bias_update_rate > 0 else None)
         out = experts_grouped(x, self.gate_up_proj, self.down_proj, index, weight, impl=self.impl)
         if self.shared is not None:
-            out = out + self.shared(x)
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(x)) * shared
+            out = out + shared
         self._balance(probs, index)
         return out.reshape(shape)
 
@@ -184,9 +193,11 @@ class MoE(MLP):
         return {**load_summary(self.step_load), "router_entropy": self.step_entropy.item()}
 
     def param_counts(self) -> dict[str, int]:
-        "Parameters in all (`total`) and those one token uses (`active`: router, its top_k experts, the shared ones)."
+        """Parameters in all (`total`) and those one token uses (`active`: router, its top_k experts, the shared ones
+        and their gate)."""
         per_expert = (self.gate_up_proj.numel() + self.down_proj.numel()) // self.n_experts   # also when sharded
-        always = self.router.weight.numel() + (sum(p.numel() for p in self.shared.parameters()) if self.shared else 0)
+        always = sum(p.numel() for m in (self.router, self.shared, self.shared_gate) if m is not None
+                     for p in m.parameters())
         return {"total": always + self.n_experts * per_expert, "active": always + self.top_k * per_expert}
 
 # %% ../nbs/08_moe.ipynb #5e32c53b

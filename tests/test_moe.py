@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from smollm.config import ConfigError, build_model, compose
+from smollm.errors import ArgumentError
 from smollm.moe import (ROUTER_COLUMNS, MoE, bias_step, end_step, experts_grouped, experts_reference, metric_columns,
                         route, router_stats, take_aux_loss)
 
@@ -86,6 +87,51 @@ def test_matches_transformers_sparse_moe_block(name, norm_topk):
         assert not torch.allclose(m(x), hf(x), rtol=1e-5, atol=1e-5)
 
 
+def test_gated_shared_expert_matches_transformers_qwen3_next():
+    "Qwen3-Next's sparse block: routed experts plus a shared SwiGLU that sigmoid(shared_expert_gate(x)) scales."
+    from transformers.models.qwen3_next.configuration_qwen3_next import Qwen3NextConfig
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextSparseMoeBlock
+    torch.manual_seed(0)
+    cfg = Qwen3NextConfig(hidden_size=16, moe_intermediate_size=8, shared_expert_intermediate_size=16, num_experts=6,
+                          num_experts_per_tok=3, norm_topk_prob=True)
+    hf = Qwen3NextSparseMoeBlock(cfg).eval()
+    m = MoE(16, 64, n_experts=6, top_k=3, n_shared=2, expert_hidden=8, shared_gate=True).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_()
+        hf.gate.weight.copy_(m.router.weight)
+        hf.experts.gate_up_proj.copy_(m.gate_up_proj); hf.experts.down_proj.copy_(m.down_proj)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(hf.shared_expert, name).weight.copy_(getattr(m.shared, name).weight)
+        hf.shared_expert_gate.weight.copy_(m.shared_gate.weight)
+        x = torch.randn(2, 9, 16)
+        torch.testing.assert_close(m(x), hf(x), rtol=1e-5, atol=1e-5)
+        gate = m.shared_gate
+        m.shared_gate = None                                  # the ungated shared expert must not pass
+        assert not torch.allclose(m(x), hf(x), rtol=1e-5, atol=1e-5)
+        m.shared_gate = gate
+        gate.weight.zero_(); hf.shared_expert_gate.weight.zero_()   # sigmoid(0) = 1/2: half the shared expert
+        routed = MoE(16, 64, n_experts=6, top_k=3, expert_hidden=8).eval()
+        routed.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("shared")})
+        ungated = MoE(16, 64, n_experts=6, top_k=3, n_shared=2, expert_hidden=8).eval()
+        ungated.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("shared_gate")})
+        torch.testing.assert_close(m(x), (routed(x) + ungated(x)) / 2, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hf(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_gate_counts_and_needs_a_shared_expert():
+    m = MoE(16, 96, n_experts=8, top_k=2, n_shared=1, shared_gate=True)
+    c = m.param_counts()
+    assert c["total"] == sum(p.numel() for p in m.parameters())
+    assert c["active"] == 16 * 8 + 16 + 3 * 16 * 32 + 2 * 3 * 16 * 32   # router, gate, shared, two experts
+    with pytest.raises(ArgumentError, match="shared_gate=True is not valid: .*n_shared=0"):
+        MoE(16, 96, shared_gate=True)
+    model = build_model(compose([*TINY, "model.mlp.n_shared=1", "model.mlp.shared_gate=true"]).model)
+    assert model.layers[0].mlp.shared_gate.weight.shape == (1, model.dim)
+    assert model.param_totals()["total"] == model.num_params()
+    assert build_model(compose(list(TINY)).model).layers[0].mlp.shared_gate is None   # off by default
+
+
 def test_balance_loss_values():
     m = MoE(16, 64, n_experts=4, top_k=2)
     with torch.no_grad():
@@ -144,9 +190,11 @@ def test_config_errors_name_the_key(override, key):
         build_model(compose([*TINY, override]).model)
 
 
-def test_tiny_model_with_moe_trains_and_counts():
+@pytest.mark.parametrize("shared_gate", [False, True])
+def test_tiny_model_with_moe_trains_and_counts(shared_gate):
     torch.manual_seed(0)
-    model = build_model(compose([*TINY, "model.mlp.n_shared=1", "model.mlp.bias_update_rate=0.001"]).model)
+    model = build_model(compose([*TINY, "model.mlp.n_shared=1", "model.mlp.bias_update_rate=0.001",
+                                 f"model.mlp.shared_gate={str(shared_gate).lower()}"]).model)
     ids = torch.randint(0, 128, (2, 17))
     loss = model.loss(ids[:, :-1], ids[:, 1:])
     aux = take_aux_loss(model)
