@@ -329,6 +329,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'smollm.hf._hf_rope_keys': ('hf.html#_hf_rope_keys', 'smollm/hf.py'),
                            'smollm.hf._hf_rope_layers': ('hf.html#_hf_rope_layers', 'smollm/hf.py'),
                            'smollm.hf._hf_rope_params': ('hf.html#_hf_rope_params', 'smollm/hf.py'),
+                           'smollm.hf._hf_shared_expert': ('hf.html#_hf_shared_expert', 'smollm/hf.py'),
                            'smollm.hf._hf_tensors': ('hf.html#_hf_tensors', 'smollm/hf.py'),
                            'smollm.hf._hydra': ('hf.html#_hydra', 'smollm/hf.py'),
                            'smollm.hf._json_float': ('hf.html#_json_float', 'smollm/hf.py'),

@@ -334,6 +334,12 @@ FAMILY_TO_HF = {   # smollm overrides -> the model type they go out as
                     "model/attention=qk_norm", "model.attention.output_gate=true", "+model/norm@model.attention.norm=rmsnorm",
                     "model.attention.norm.unit_offset=true", "model.norm.unit_offset=true", "++model.mixers.D.norm_eps=1e-5",
                     "model.positional.fraction=0.25"], "qwen3_next"),
+    "qwen3_next_moe": (["+model/mixer@model.mixers.D=gated_deltanet", "model.layer_pattern=DG", "model.n_layers=2",
+                        "model/attention=qk_norm", "model.attention.output_gate=true",
+                        "+model/norm@model.attention.norm=rmsnorm", "model.attention.norm.unit_offset=true",
+                        "model.norm.unit_offset=true", "++model.mixers.D.norm_eps=1e-5", "model.positional.fraction=0.25",
+                        "model/mlp=moe", "model.mlp.expert_hidden=16", "model.mlp.n_shared=1",
+                        "model.mlp.shared_gate=true", "model.mlp.norm_topk=false"], "qwen3_next"),
 }
 
 
@@ -522,18 +528,76 @@ def _torch_gated_delta_rule(monkeypatch):
     return qn
 
 
-@pytest.fixture
-def qwen3_next(tmp_path, monkeypatch):
-    "A tiny random Qwen3-Next (DDDG, partial rotary 1/4, norm weights not zero) saved by transformers; (model, path)."
+Q3N_MOE = {k: v for k, v in Q3N.items() if k != "mlp_only_layers"} | dict(   # the default: experts on every layer
+    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=32)
+
+
+def _qwen3_next(tmp_path, monkeypatch, fields):
     qn = _torch_gated_delta_rule(monkeypatch)
     torch.manual_seed(0)
-    hf = qn.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(**(SIZE | Q3N))).eval()
+    hf = qn.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(**(SIZE | fields))).eval()
     with torch.no_grad():   # zero-centred weights that are not zero, so that (1 + w) against w shows
         for n, p in hf.named_parameters():
             if n.endswith("norm.weight"):
                 p.uniform_(-0.5, 0.5)
     hf.save_pretrained(tmp_path / "hf")
     return hf, tmp_path
+
+
+@pytest.fixture
+def qwen3_next(tmp_path, monkeypatch):
+    "A tiny random Qwen3-Next (DDDG, partial rotary 1/4, norm weights not zero) saved by transformers; (model, path)."
+    return _qwen3_next(tmp_path, monkeypatch, Q3N)
+
+
+@pytest.fixture
+def qwen3_next_moe(tmp_path, monkeypatch):
+    "The same with experts on every layer and a gated shared expert two experts wide; (model, path)."
+    return _qwen3_next(tmp_path, monkeypatch, Q3N_MOE)
+
+
+def test_qwen3_next_moe_parity(qwen3_next_moe):
+    hf, tmp = qwen3_next_moe
+    ours = from_hf(tmp / "hf")
+    mlp = ours.layers[0].mlp
+    assert (type(mlp).__name__, mlp.n_experts, mlp.top_k, mlp.n_shared, mlp.expert_hidden, mlp.norm_topk) == \
+        ("MoE", 4, 2, 2, 16, True)
+    assert mlp.shared_gate is not None and mlp.aux_loss_weight == 0.001
+    assert_same_logits(ours, hf)
+    to_hf(ours, tmp / "back")
+    cfg = json.loads((tmp / "back" / "config.json").read_text())
+    assert (cfg["mlp_only_layers"], cfg["num_experts"], cfg["shared_expert_intermediate_size"]) == ([], 4, 32)
+    back = AutoModelForCausalLM.from_pretrained(tmp / "back", dtype=torch.float32).eval()
+    assert type(back.model.layers[0].mlp).__name__ == "Qwen3NextSparseMoeBlock"
+    assert_same_logits(ours, back)
+    assert_same_logits(from_hf(tmp / "back"), hf)
+    for undo in (lambda m: [setattr(b.mlp, "shared_gate", None) for b in m.layers],   # the gate matters,
+                 lambda m: [setattr(b.mlp, "shared", None) for b in m.layers]):       # the shared expert too
+        ours = from_hf(tmp / "hf")
+        undo(ours)
+        with pytest.raises(AssertionError):
+            assert_same_logits(ours, hf)
+
+
+def test_qwen3_next_moe_decoding(qwen3_next_moe):
+    hf, tmp = qwen3_next_moe
+    assert_same_decoding(from_hf(tmp / "hf"), hf)
+    assert_same_decoding(from_hf(tmp / "hf"), hf, pad=3)
+
+
+def test_qwen3_next_moe_refused(qwen3_next_moe):
+    _, tmp = qwen3_next_moe
+    cfg = json.loads((tmp / "hf" / "config.json").read_text())
+    for extra, err in [({"mlp_only_layers": [0, 1]}, r"mlp_only_layers=\[0, 1\].*some layers have a dense MLP"),
+                       ({"decoder_sparse_step": 2}, "decoder_sparse_step=2: some layers have a dense MLP"),
+                       ({"shared_expert_intermediate_size": 24}, "shared_expert_intermediate_size=24 is not a multiple")]:
+        (tmp / "hf" / "config.json").write_text(json.dumps(cfg | extra))
+        with pytest.raises(CheckpointError, match=err):
+            from_hf(tmp / "hf")
+    plain = build_model(compose(BASE + ["model/mlp=moe", "model.mlp.n_shared=1", "model.mlp.shared_gate=true",
+                                        "model.mlp.expert_hidden=16"]).model)   # Llama attention: not Qwen3-Next's
+    with pytest.raises(CheckpointError, match="gated shared expert, but not as Qwen3-Next has them"):
+        to_hf(plain, tmp / "plain")
 
 
 def test_qwen3_next_parity(qwen3_next):
@@ -560,8 +624,7 @@ def test_qwen3_next_refused(qwen3_next):
     _, tmp = qwen3_next
     cfg = json.loads((tmp / "hf" / "config.json").read_text())
     (tmp / "hf" / "config.json").write_text(json.dumps(cfg | {"mlp_only_layers": [0, 1]}))   # layers 2, 3 MoE
-    with pytest.raises(CheckpointError, match=r"layers \[2, 3\] of this qwen3_next are mixtures of experts with a "
-                                              "shared expert that a sigmoid gate scales"):
+    with pytest.raises(CheckpointError, match="some layers have a dense MLP, and smollm's layers all have the same MLP"):
         from_hf(tmp / "hf")
     gated = build_model(compose(BASE + ["model.attention.output_gate=true"]).model)
     with pytest.raises(CheckpointError, match="not as Qwen3-Next has them"):
