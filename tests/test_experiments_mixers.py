@@ -75,3 +75,10 @@ def test_mqar_mixers_takes_another_mixer_on_the_command_line():
     # the yaml's header shows how to add a letter, e.g. RetNet as R, alone and in a hybrid
     cfg = compose(["experiment=mqar_mixers", "+model/mixer@model.mixers.R=retnet", "model.layer_pattern=RG"])
     assert _layers(cfg) == [(_mixer_class(cfg.model.mixers.R), None), ("Attention", None)]
+
+
+def test_ablate_mixer_attention_baseline_is_attention_only():
+    # the baseline sweep of the yaml's header: the named mixer only replaces the glob; no layer holds it
+    jobs = [j for j in _sweep_jobs("ablate_mixer") if "model/mixer=short_conv" in j]
+    cfg = compose(["experiment=ablate_mixer", "model/mixer=short_conv", "model.layer_pattern=G"])
+    assert len(jobs) >= 2 and _layers(cfg) == [("Attention", None)] * cfg.model.n_layers
