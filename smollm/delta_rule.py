@@ -4,16 +4,16 @@
 
 # %% ../nbs/07a_delta_rule.ipynb #3988b722
 from __future__ import annotations
-import importlib.util, math
+import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .errors import check
-from .mixers import Mixer, RecurrentState, short_conv, short_conv_step
+from .mixers import Mixer, RecurrentState, fla_available, fla_sequences, short_conv, short_conv_step
 
 # %% auto #0
 __all__ = ['gated_delta_rule_naive', 'gated_delta_rule_step', 'gated_delta_rule_chunked', 'l2norm', 'GatedRMSNorm',
-           'GatedDeltaNet', 'fla_available', 'gated_delta_rule_fla']
+           'GatedDeltaNet', 'gated_delta_rule_fla']
 
 # %% ../nbs/07a_delta_rule.ipynb #212febb7
 def _check_inputs(q, k, v, g, beta, initial_state, doc=None):
@@ -219,10 +219,6 @@ def _gates(self, b: torch.Tensor, a: torch.Tensor):
 GatedDeltaNet._project, GatedDeltaNet._gates = _project, _gates
 
 # %% ../nbs/07a_delta_rule.ipynb #c7c182ee
-def fla_available() -> bool:
-    "Is flash-linear-attention (the extra `fla`) importable here?"
-    return importlib.util.find_spec("fla") is not None
-
 def _fla_kernels():
     "fla's chunk_gated_delta_rule and fused_recurrent_gated_delta_rule, or an ImportError naming the extra."
     try:
@@ -253,12 +249,7 @@ def gated_delta_rule_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
         run = fused_recurrent if T == 1 and not grad else chunk
         o, S = run(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state, output_final_state=True)
         return o.transpose(1, 2), S
-    new = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0), value=True)          # a sequence starts here (and at each row)
-    per_row = new.sum(1)
-    cu = F.pad(new.flatten().nonzero()[:, 0], (0, 1), value=B * T)
-    first, last = per_row.cumsum(0) - per_row, per_row.cumsum(0) - 1   # each row's first and last document
-    h0 = None if initial_state is None else \
-        initial_state.new_zeros(len(cu) - 1, H, dk, dv).index_copy(0, first, initial_state)
+    cu, last, h0 = fla_sequences(doc, initial_state)
     flat = lambda u: u.reshape(1, B * T, *u.shape[2:])
     o, states = chunk(flat(q), flat(k), flat(v), g=flat(g), beta=flat(beta), scale=scale, initial_state=h0,
                       output_final_state=True, cu_seqlens=cu, cu_seqlens_cpu=cu.cpu())

@@ -4,17 +4,15 @@
 
 # %% ../nbs/07c_gla.ipynb #2e70d7dd
 from __future__ import annotations
-import importlib.util
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .errors import check
-from .mixers import Mixer, RecurrentState, short_conv, short_conv_step
+from .mixers import Mixer, RecurrentState, fla_available, fla_sequences, short_conv, short_conv_step
 from .norms import RMSNorm
 
 # %% auto #0
-__all__ = ['SUB_CHUNK', 'gla_naive', 'gla_step', 'gla_chunked', 'fla_available', 'gla_fla', 'gla_auto', 'GatedLinear', 'GLA',
-           'RetNet']
+__all__ = ['SUB_CHUNK', 'gla_naive', 'gla_step', 'gla_chunked', 'gla_fla', 'gla_auto', 'GatedLinear', 'GLA', 'RetNet']
 
 # %% ../nbs/07c_gla.ipynb #c38a4ec6
 def _check_inputs(q, k, v, g, initial_state, doc=None):
@@ -146,10 +144,6 @@ def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tens
     return (o + torch.stack(entering, 2)).flatten(2, 3)[:, :, :T], S
 
 # %% ../nbs/07c_gla.ipynb #8597668d
-def fla_available() -> bool:
-    "Is flash-linear-attention (the extra `fla`) importable here?"
-    return importlib.util.find_spec("fla") is not None
-
 def _fla_kernels():
     "fla's chunk_gla and chunk_simple_gla, or an ImportError that names the extra to install."
     try:
@@ -178,12 +172,7 @@ def gla_fla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, 
     if doc is None:
         o, state = run(q, k, v, g, initial_state=initial_state)
         return o.transpose(1, 2), state
-    new = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0), value=True)             # a sequence starts here (and at each row)
-    per_row = new.sum(1)
-    cu = F.pad(new.flatten().nonzero()[:, 0], (0, 1), value=B * T)
-    first, last = per_row.cumsum(0) - per_row, per_row.cumsum(0) - 1      # each row's first and last document
-    h0 = None if initial_state is None else \
-        initial_state.new_zeros(len(cu) - 1, H, dk, dv).index_copy(0, first, initial_state)
+    cu, last, h0 = fla_sequences(doc, initial_state)
     flat = lambda u: u.reshape(1, B * T, *u.shape[2:])
     o, states = run(flat(q), flat(k), flat(v), flat(g), initial_state=h0, cu_seqlens=cu, cu_seqlens_cpu=cu.cpu())
     return o.view(B, T, H, dv).transpose(1, 2), states[last]

@@ -4,6 +4,7 @@
 
 # %% ../nbs/07_mixers.ipynb #73d19952
 from __future__ import annotations
+import importlib.util
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,7 +12,8 @@ from .attention import CAPABILITIES, SelfAttention
 from .errors import check
 
 # %% auto #0
-__all__ = ['RecurrentState', 'Mixer', 'short_conv_ref', 'short_conv', 'short_conv_step', 'ShortConv']
+__all__ = ['RecurrentState', 'Mixer', 'fla_available', 'fla_sequences', 'short_conv_ref', 'short_conv', 'short_conv_step',
+           'ShortConv']
 
 # %% ../nbs/07_mixers.ipynb #8b4a41bc
 class RecurrentState:
@@ -98,6 +100,26 @@ class Mixer(nn.Module):
 
     def forward(self, x, positional, pos, cache=None, key_mask=None, doc=None):
         raise NotImplementedError
+
+# %% ../nbs/07_mixers.ipynb #f1a5e0c2
+def fla_available() -> bool:
+    "Is flash-linear-attention (the extra `fla`) importable here?"
+    return importlib.util.find_spec("fla") is not None
+
+def fla_sequences(doc: torch.Tensor, initial_state: torch.Tensor | None = None):
+    """Packed rows as fla's variable-length batch: doc (B, T) -> (cu_seqlens, last, h0). cu_seqlens (n + 1,) are the
+    starts of the n sequences of the flattened (1, B*T) batch (a new one at each row's start and wherever doc
+    changes) and its end; last (B,) indexes each row's last sequence (whose final state is the row's); h0 is
+    initial_state (B, ...) placed at each row's first sequence, zeros elsewhere (None without one)."""
+    B, T = doc.shape
+    new = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0), value=True)
+    per_row = new.sum(1)
+    cu = F.pad(new.flatten().nonzero()[:, 0], (0, 1), value=B * T)
+    first, last = per_row.cumsum(0) - per_row, per_row.cumsum(0) - 1
+    h0 = None if initial_state is None else \
+        initial_state.new_zeros(len(cu) - 1, *initial_state.shape[1:]).index_copy(0, first, initial_state)
+    return cu, last, h0
+
 
 # %% ../nbs/07_mixers.ipynb #4dbced8c
 def short_conv_ref(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -4,16 +4,16 @@
 
 # %% ../nbs/07b_ssd.ipynb #7f48dbed
 from __future__ import annotations
-import importlib.util, math
+import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from .errors import check
-from .mixers import Mixer, RecurrentState, short_conv, short_conv_step
+from .mixers import Mixer, RecurrentState, fla_available, fla_sequences, short_conv, short_conv_step
 
 # %% auto #0
-__all__ = ['ssd_check', 'heads_of_groups', 'ssd_naive', 'ssd_step', 'segsum', 'doc_starts_upto', 'ssd_chunked', 'fla_available',
-           'ssd_fla', 'ssd_auto', 'time_steps', 'GatedRMSNorm', 'dt_bias_init', 'Mamba2']
+__all__ = ['ssd_check', 'heads_of_groups', 'ssd_naive', 'ssd_step', 'segsum', 'doc_starts_upto', 'ssd_chunked', 'ssd_fla',
+           'ssd_auto', 'time_steps', 'GatedRMSNorm', 'dt_bias_init', 'Mamba2']
 
 # %% ../nbs/07b_ssd.ipynb #b7214b9c
 def ssd_check(x, dt, A, B, C, D=None, doc=None):
@@ -136,10 +136,6 @@ def _chunk_simple_gla():
         raise ImportError("SSD on flash-linear-attention's kernels needs the fla extra: pip install 'smollm[fla]'") from None
     return chunk_simple_gla
 
-def fla_available() -> bool:
-    "Is flash-linear-attention (the extra `fla`) importable here?"
-    return importlib.util.find_spec("fla") is not None
-
 def ssd_fla(x, dt, A, B, C, D=None, initial_state=None, doc=None):
     """`ssd_chunked` by flash-linear-attention's chunked simple-GLA kernel (CUDA tensors): q = C, k = B (heads of
     their groups), v = dt x, g = dt A, scale 1, state (b, H, P, N) in fla's value-first layout. Same arguments and
@@ -151,13 +147,7 @@ def ssd_fla(x, dt, A, B, C, D=None, initial_state=None, doc=None):
         y, state = gla(q.contiguous(), k.contiguous(), v.contiguous(), g=gl.contiguous(), scale=1.0,
                        initial_state=initial_state, output_final_state=True, state_v_first=True)
     else:   # one sequence per document: a new one at each row's start and wherever doc changes
-        new = F.pad(doc[:, 1:] != doc[:, :-1], (1, 0), value=True)           # (b, t)
-        per_row = new.sum(1)
-        cu = F.pad(new.flatten().nonzero()[:, 0], (0, 1), value=b * t)
-        first, last = per_row.cumsum(0) - per_row, per_row.cumsum(0) - 1      # each row's first and last document
-        h0 = None
-        if initial_state is not None:
-            h0 = initial_state.new_zeros(len(cu) - 1, h, p, n).index_copy(0, first, initial_state)
+        cu, last, h0 = fla_sequences(doc, initial_state)
         flat = lambda u: u.reshape(1, b * t, *u.shape[2:]).contiguous()
         y, states = gla(flat(q), flat(k), flat(v), g=flat(gl), scale=1.0, initial_state=h0, output_final_state=True,
                         state_v_first=True, cu_seqlens=cu, cu_seqlens_cpu=cu.cpu())
