@@ -260,32 +260,6 @@ def _hybrid(*more):
                                 "+model/mixer@model.mixers.D=gated_deltanet", "model.layer_pattern=DDDG", *more]).model)
 
 
-def test_static_state_decoding_equals_full_forward():
-    "What a compiled decoding step reads: static states (0-dim length, tensors written in place), padding in two prefills."
-    model = _hybrid().double().eval()
-    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-    mask = torch.cat([torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9]), torch.ones(2, 7, dtype=torch.long)], 1)
-    full = model(ids, key_mask=mask[:, :9])
-    cache = model.new_cache(capacity=16)
-    steps = [model(ids[:, :2], cache, key_mask=mask), model(ids[:, 2:4], cache, key_mask=mask)]
-    tensors = {n: t.data_ptr() for n, t in cache[0].tensors.items()}
-    steps += [model(ids[:, t:t + 1], cache, key_mask=mask) for t in range(4, 9)]
-    assert torch.is_tensor(cache[0].length) and int(cache[0].length) == 9
-    assert {n: t.data_ptr() for n, t in cache[0].tensors.items()} == tensors, "a static state is written in place"
-    torch.testing.assert_close(torch.cat(steps, 1)[1], full[1])
-    torch.testing.assert_close(torch.cat(steps, 1)[0, 3:], full[0, 3:])
-
-
-@pytest.mark.slow
-def test_generate_compiled_with_the_state():
-    from smollm.generate import generate
-    model = _hybrid().eval()
-    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert torch.equal(generate(model, ids, 8, attention_mask=mask, compile=True),
-                       generate(model, ids, 8, attention_mask=mask))
-
-
 def test_layer_shapes_heads_and_errors():
     from smollm.config import ConfigError, compose
     m = _hybrid().layers[0].attn          # tiny: dim 64, n_heads 4 -> 4 value heads, n_kv_heads 2 -> 2 key heads

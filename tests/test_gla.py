@@ -257,7 +257,6 @@ def test_fla_comparison_can_fail():
 # --- the mixers GLA and RetNet (the contract matrix of tests/test_mixers.py covers gla.yaml and retnet.yaml) -------
 
 from smollm.config import ConfigError, build_model, compose          # noqa: E402
-from smollm.generate import generate                                 # noqa: E402
 from smollm.gla import GLA, RetNet                                   # noqa: E402
 
 DIM = 16
@@ -327,37 +326,6 @@ def test_bf16_keeps_an_fp32_state(cls):
     y = m(x, cache=state)
     assert y.dtype == torch.bfloat16 and state.tensors["recurrent"].dtype == torch.float32
     assert m(x[:, :1], cache=state).dtype == torch.bfloat16
-
-
-def hybrid(option, pattern="CCCG", *more):
-    torch.manual_seed(0)
-    return build_model(compose([*TINY, f"model/mixer@model.mixers.C={option}", f"model.layer_pattern={pattern}",
-                                *more]).model)
-
-
-@pytest.mark.parametrize("option", ["gla", "retnet"])
-def test_static_state_decoding_equals_full_forward(option):
-    "What a compiled decoding step reads: static states (0-dim tensor length, tensors written in place)."
-    model = hybrid(option, "CCCG", "model.init_std=0.5").double().eval()
-    ids = torch.randint(0, 128, (2, 9))
-    mask = torch.cat([torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9]), torch.ones(2, 7, dtype=torch.long)], 1)
-    full = model(ids, key_mask=mask[:, :9])
-    cache = model.new_cache(capacity=16)
-    steps = [model(ids[:, :2], cache, key_mask=mask), model(ids[:, 2:4], cache, key_mask=mask)]   # padding in both
-    steps += [model(ids[:, t:t + 1], cache, key_mask=mask) for t in range(4, 9)]
-    assert torch.is_tensor(cache[0].length) and int(cache[0].length) == 9
-    torch.testing.assert_close(torch.cat(steps, 1)[1], full[1])
-    torch.testing.assert_close(torch.cat(steps, 1)[0, 3:], full[0, 3:])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("option", ["gla", "retnet"])
-def test_generate_compiled_with_the_state(option):
-    model = hybrid(option, "CCCG", "model.init_std=0.5").eval()
-    ids = torch.randint(0, 128, (2, 5))
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert torch.equal(generate(model, ids, 8, attention_mask=mask, compile=True),
-                       generate(model, ids, 8, attention_mask=mask))
 
 
 # --- flash-linear-attention's kernels (CUDA + the extra fla; run on a GPU machine with `pytest -k fla`) -----------

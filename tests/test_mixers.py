@@ -199,23 +199,27 @@ def test_model_decoding_with_state_equals_full_forward(option):
     torch.testing.assert_close(torch.cat(steps, 1)[0, 3:], full[0, 3:])
 
 
-def test_static_state_decoding_equals_full_forward():
+@pytest.mark.parametrize("option", options("model/mixer"))
+def test_static_state_decoding_equals_full_forward(option):
     # what a compiled decoding step reads: new_cache(capacity) gives static states (0-dim tensor length, in place)
-    model = hybrid("short_conv", "CCCG", "model.init_std=0.5").double().eval()
+    model = hybrid(option, "CCCG", "model.init_std=0.5").double().eval()
     ids = torch.randint(0, 128, (2, 9))
     mask = torch.cat([torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9]), torch.ones(2, 7, dtype=torch.long)], 1)
     full = model(ids, key_mask=mask[:, :9])
     cache = model.new_cache(capacity=16)
     steps = [model(ids[:, :2], cache, key_mask=mask), model(ids[:, 2:4], cache, key_mask=mask)]   # padding in both
+    tensors = {n: t.data_ptr() for n, t in cache[0].tensors.items()}
     steps += [model(ids[:, t:t + 1], cache, key_mask=mask) for t in range(4, 9)]
     assert torch.is_tensor(cache[0].length) and int(cache[0].length) == 9
+    assert {n: t.data_ptr() for n, t in cache[0].tensors.items()} == tensors, "a static state is written in place"
     torch.testing.assert_close(torch.cat(steps, 1)[1], full[1])
     torch.testing.assert_close(torch.cat(steps, 1)[0, 3:], full[0, 3:])
 
 
 @pytest.mark.slow
-def test_generate_compiled_with_the_state():
-    model = hybrid("short_conv", "CCCG", "model.init_std=0.5").eval()
+@pytest.mark.parametrize("option", options("model/mixer"))
+def test_generate_compiled_with_the_state(option):
+    model = hybrid(option, "CCCG", "model.init_std=0.5").eval()
     ids = torch.randint(0, 128, (2, 5))
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert torch.equal(generate(model, ids, 8, attention_mask=mask, compile=True),

@@ -346,16 +346,3 @@ def test_argument_errors():
         Mamba2(16, head_dim=8, n_groups=3)
     with pytest.raises(ArgumentError, match="conv_kernel=1"):
         Mamba2(16, conv_kernel=1)
-
-
-@pytest.mark.slow
-def test_mamba2_generates_compiled_with_the_static_state():
-    from smollm.config import build_model, compose
-    from smollm.generate import generate
-    torch.manual_seed(0)
-    model = build_model(compose(["model=tiny", "data.vocab_size=128", "model.n_layers=4", "model/mixer@model.mixers.C=mamba2",
-                                 "model.layer_pattern=CCCG", "model.init_std=0.5"]).model).eval()
-    ids = torch.randint(0, 128, (2, 5))
-    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    assert torch.equal(generate(model, ids, 8, attention_mask=mask, compile=True),
-                       generate(model, ids, 8, attention_mask=mask))
