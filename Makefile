@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps "litgpt==0.5.13"   # the bench extra's litgpt, without its hub pin
 	@touch $(STAMP)
 
 setup: $(STAMP)
