@@ -140,6 +140,28 @@ def run(quick: bool, device: str) -> list[Row]:
     return rows
 
 
+def cases(quick: bool, device: str) -> list:
+    """The correctness checks of `kernels.py --check`: (case, thunk) pairs, the thunk raising on a mismatch of the
+    Triton attention with the fp32 reference, output and dq, dk, dv. On a GPU: the timed shape, then
+    `gpu_checks`' three (the TinyLlama heads at T=2048, a ragged shape with window + softcap + ALiBi, a decode
+    step); under the interpreter: the quick shape and a ragged one with the same options."""
+    tri = load_triton("attention").attention
+    if not quick:
+        def timed():
+            check(tri, *make_inputs(8, 2048, 2048, 32, 4, 64, torch.bfloat16, device), 3e-2, "B=8 T=2048")
+        return [("attention B=8 T=2048 heads 32/4 dim 64 bfloat16", timed),
+                ("attention: TinyLlama heads T=2048, window+softcap+alibi, decode T=1 (gpu_checks)",
+                 lambda: gpu_checks(device))]
+    def small():
+        check(tri, *make_inputs(1, 32, 32, 2, 1, 16, torch.float32, device), 1e-4, "tiny")
+    def ragged():
+        slopes = torch.tensor([2 ** (-8 * (i + 1) / 4) for i in range(4)], device=device)
+        check(tri, *make_inputs(2, 37, 37, 4, 2, 16, torch.float32, device), 1e-4, "window+softcap+alibi",
+              window=9, softcap=30.0, alibi_slopes=slopes)
+    return [("attention B=1 T=32 heads 2/1 dim 16 float32", small),
+            ("attention B=2 T=37 heads 4/2 dim 16 float32, window+softcap+alibi", ragged)]
+
+
 if __name__ == "__main__":
     import sys
     from common import print_table

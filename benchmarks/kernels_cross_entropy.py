@@ -136,6 +136,32 @@ def run(quick: bool, device: str) -> list[Row]:
     return rows + lin
 
 
+def cases(quick: bool, device: str) -> list:
+    """The correctness checks of `kernels.py --check`: (case, thunk) pairs, the thunk raising on a mismatch of a
+    Triton op with its reference, loss and input gradients (some targets ignored): cross_entropy and
+    linear_cross_entropy at the timed shapes and at odd ones (a vocabulary that is not a power of two, one row)."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    tr = load_triton("cross_entropy")
+    ce = [(8, 300, f32), (1, 1000, f32)] if quick else [(8 * 2048, 32000, bf16), (37, 50257, bf16), (1, 1000, f32)]
+    lin = ([(8, 32, 300, f32, 3), (5, 24, 1000, f32, None)] if quick else
+           [(8 * 2048, 2048, 32000, bf16, None), (37, 96, 50257, bf16, None), (1, 64, 1000, f32, None)])
+    tol = lambda dtype: 1e-5 if dtype == f32 else 3e-2
+    out = []
+    for N, V, dtype in ce:
+        def thunk(N=N, V=V, dtype=dtype):
+            z = (torch.randn(N, V, device=device) * 2).to(dtype)
+            check_grads(tr.cross_entropy, cross_entropy_ref, [z], targets(N, V, device), tol(dtype))
+        out.append((f"cross_entropy ({N}, {V}) {str(dtype)[6:]}", thunk))
+    for N, dim, V, dtype, chunk in lin:
+        def thunk(N=N, dim=dim, V=V, dtype=dtype, chunk=chunk):
+            h = torch.randn(N, dim, device=device).to(dtype)
+            w = (torch.randn(V, dim, device=device) / dim ** 0.5).to(dtype)
+            fn = lambda h, w, y: tr.linear_cross_entropy(h, w, y, chunk_size=chunk)
+            check_grads(fn, linear_cross_entropy_ref, [h, w], targets(N, V, device), tol(dtype))
+        out.append((f"linear_cross_entropy ({N}, {dim}) x ({V}, {dim}) {str(dtype)[6:]}", thunk))
+    return out
+
+
 if __name__ == "__main__":
     import sys
     from common import print_table

@@ -115,6 +115,23 @@ def run(quick: bool, device: str) -> list[Row]:
     return rows
 
 
+def cases(quick: bool, device: str) -> list:
+    """The correctness checks of `kernels.py --check`: (case, thunk) pairs, the thunk raising on a mismatch of the
+    Triton op with the fp32 reference, outputs and gradients: the timed shape and odd ones (a single row, a width
+    that is not a power of two), with and without the residual."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    shapes = ([(16, 256, f32), (5 * 123, 123, f32), (1, 64, f32)] if quick else
+              [(8 * 2048, 2048, bf16), (5 * 123, 123, bf16), (1, 2048, bf16), (3 * 47, 1000, f32)])
+    out = []
+    for residual in (False, True):
+        fn = impls(True, residual)["smollm-triton"]
+        for N, D, dtype in shapes:
+            def thunk(N=N, D=D, dtype=dtype, residual=residual, fn=fn):
+                check(fn, *make_inputs(N, D, dtype, device, residual), 1e-4 if dtype == f32 else 2e-2)
+            out.append((f"{'rms_norm+residual' if residual else 'rms_norm'} ({N}, {D}) {str(dtype)[6:]}", thunk))
+    return out
+
+
 if __name__ == "__main__":
     import sys
     from common import print_table

@@ -85,6 +85,22 @@ def run(quick: bool, device: str) -> list[Row]:
     return rows
 
 
+def cases(quick: bool, device: str) -> list:
+    """The correctness checks of `kernels.py --check`: (case, thunk) pairs, the thunk raising on a mismatch of the
+    Triton op with the fp32 reference, forward and backward: the timed shape and odd ones (one position, a head
+    dim that is not a power of two, as many KV heads as query heads)."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    shapes = ([(1, 4, 4, 2, 16, f32), (2, 7, 3, 3, 24, f32), (1, 1, 2, 1, 64, f32)] if quick else
+              [(8, 2048, 32, 4, 64, bf16), (3, 47, 8, 1, 128, bf16), (1, 1, 32, 4, 64, bf16), (2, 7, 3, 3, 24, f32)])
+    out = []
+    for B, T, HQ, HKV, D, dtype in shapes:
+        def thunk(B=B, T=T, HQ=HQ, HKV=HKV, D=D, dtype=dtype):
+            tol = 1e-5 if dtype == f32 else 2e-2
+            check(load_triton("rope").rope, *make_inputs(B, T, HQ, HKV, D, dtype, device), tol)
+        out.append((f"rope B={B} T={T} heads {HQ}/{HKV} dim {D} {str(dtype)[6:]}", thunk))
+    return out
+
+
 if __name__ == "__main__":
     import sys
     from common import print_table

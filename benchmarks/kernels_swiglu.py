@@ -91,6 +91,24 @@ def run(quick: bool, device: str) -> list[Row]:
     return rows
 
 
+def cases(quick: bool, device: str) -> list:
+    """The correctness checks of `kernels.py --check`: (case, thunk) pairs, the thunk raising on a mismatch of the
+    Triton op with the fp32 reference, output and gradients: the timed shape and odd ones, for both layouts
+    (separate gate and up, and the halves of one fused projection)."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    shapes = ([((2, 8, 300), f32), ((1, 1, 64), f32), ((3, 5, 123), f32)] if quick else
+              [((8, 2048, 5632), bf16), ((1, 77, 3001), bf16), ((1, 1, 64), bf16), ((3, 47, 1000), f32)])
+    out = []
+    for fused in (False, True):
+        for shape, dtype in shapes:
+            def thunk(shape=shape, dtype=dtype, fused=fused):
+                leaves, views = make_inputs(shape, dtype, device, fused)
+                dh = torch.randn(shape, device=device, dtype=dtype)
+                check(load_triton("swiglu").swiglu, leaves, views, dh, 1e-5 if dtype == f32 else 2e-2)
+            out.append((f"{'swiglu (fused gu)' if fused else 'swiglu'} {shape} {str(dtype)[6:]}", thunk))
+    return out
+
+
 if __name__ == "__main__":
     import sys
     from common import print_table
