@@ -19,7 +19,8 @@ reported, and the next part still runs), each printing a table:
    Triton kernels on and off, torch.compile on and off: tokens/s, MFU, peak memory (target: >= 60k tokens/s).
 
 Each part's output goes to the console and, as it comes, to DIR/<n>-<name>.txt (DIR: --logs, else $OUT, where
-the device tool collects files, else gpu-logs/); DIR/summary.txt gets the closing table. A part's timeout is the
+the device tool collects files, else gpu-logs/); DIR/summary.txt gets the closing summary: what decides each part
+(failed cases, the targets table, the TinyLlama table) and a table of the parts. A part's timeout is the
 smaller of its cap and what the budget leaves after setting aside the later parts' minimum; time a part does not
 use goes to the next ones. Exit status 0 when every part succeeded.
 """
@@ -122,6 +123,21 @@ def run_part(cmd: list[str], log: Path, timeout: float) -> tuple[str, float]:
     return ("ok" if rc == 0 else f"failed (exit {rc})"), time.monotonic() - t0
 
 
+def digest(key: str, log: str) -> list[str]:
+    """The lines of a part's log that say how it went, for the closing summary: (1) the cases that failed and the
+    verdict; (2) the device line (copy bandwidth, matmul) and the targets table; (3) the TinyLlama table."""
+    lines = log.splitlines()
+    if key == "1":
+        return [x for x in lines if x.startswith("| ") and "FAILED" in x] + \
+               [x for x in lines if x.startswith(("all cases ok", "FAILED:"))][-1:]
+    if key == "2":
+        start = max((i for i, x in enumerate(lines) if x.startswith("| target |")), default=len(lines))
+        return [x for x in lines if x.startswith("device:")][:1] + [x for x in lines[start:] if x.startswith("|")] + \
+               [x for x in lines if x.startswith("FAILED:")][-1:]
+    start = max((i for i, x in enumerate(lines) if x.startswith("tinyllama_gpu: ") and "AdamW" in x), default=None)
+    return [] if start is None else [x for x in lines[start:] if x.strip()]
+
+
 def main(argv=None) -> int:
     a = parse(argv)
     signal.signal(signal.SIGTERM, _stop)
@@ -145,12 +161,17 @@ def main(argv=None) -> int:
         status, secs = run_part(cmd, a.logs / f"{part.key}-{part.name}.txt", timeout)
         done.append((part, status, secs))
         print(f"==== part {part.key}: {status} in {secs:.0f} s", flush=True)
-    lines = ["| part | what | status | s | log | guessed for one H200 |", "|---|---|---|---|---|---|"]
+    lines = []
+    for p, status, _ in done:
+        log = a.logs / f"{p.key}-{p.name}.txt"
+        if log.exists():
+            lines += [f"part {p.key}, {p.what}: {status}", *digest(p.key, log.read_text(errors="replace")), ""]
+    lines += ["| part | what | status | s | log | guessed for one H200 |", "|---|---|---|---|---|---|"]
     lines += [f"| {p.key} | {p.what} | {status} | {secs:.0f} | {p.key}-{p.name}.txt | {p.estimate} |"
               for p, status, secs in done]
     total = a.budget - (deadline - time.monotonic())
     lines.append(f"total {total:.0f} s of a budget of {a.budget:.0f} s")
-    print("\n" + "\n".join(lines), flush=True)
+    print("\n==== summary\n" + "\n".join(lines), flush=True)
     (a.logs / "summary.txt").write_text("\n".join(lines) + "\n")
     return 0 if all(status == "ok" for _, status, _ in done) else 1
 

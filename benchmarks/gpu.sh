@@ -57,7 +57,11 @@ run|extra)
     else
         echo "gpu.sh: fsdp_gpu.py skipped, $(left) s of GPU_SH_BUDGET=$budget left" | tee "$out/fsdp.txt"
     fi
-    echo "gpu.sh $mode: ${SECONDS} s in all"
+    # the figures again at the very end, where the device tool's output tail keeps them
+    echo; echo "==== gpu.sh $mode: ${SECONDS} s in all"
+    [ -f "$out/summary.txt" ] && cat "$out/summary.txt"
+    echo "fla: $(tail -n 1 "$out/fla.txt")"
+    grep '^| \|^fsdp_gpu' "$out/fsdp.txt" || echo "fsdp: $(tail -n 1 "$out/fsdp.txt")"
     exit $status
     ;;
 *)

@@ -17,8 +17,8 @@ switches on torch.compile: `--compile blocks` (the default, trainer.compile_bloc
 code serves all 22 identical blocks, so it costs the least of the budget) or `--compile loss` (trainer.compile=true:
 the whole loss, embedding to cross-entropy, one graph). The step-1 losses of all configurations should agree
 (same seed, same weights, same data): a check that the kernels compute the same model.
-The first `--warmup` steps (the first one pays for autotuning and compiling, and is reported as such) are not
-timed; tokens/s is batch x seq over the median of the `--steps` timed steps, each closed by a device
+The first `--warmup` steps (the first pays for autotuning and compiling, a later one for any recompile; their
+seconds are reported) are not timed; tokens/s is batch x seq over the median of the `--steps` timed steps, each closed by a device
 synchronisation. MFU is tokens/s x `smollm.train.flops_per_token` (6 N + the attention's 12 x heads x head_dim x
 seq per layer) over the datasheet peak (`smollm.train.PEAK_FLOPS`) and over a bf16 matmul measured in the same
 process. A configuration that runs out of memory is run again at half the batch (said in its row).
@@ -147,7 +147,11 @@ def measure(a: argparse.Namespace, config: str) -> dict:
             print(f"tinyllama_gpu {config}: step {i + 1} {times[-1]:.3f} s, loss {loss:.3f}", flush=True)
         step_s = statistics.median(times[a.warmup:])
         tps = a.batch * a.seq / step_s
+        timed = times[a.warmup:]
+        # a timed step far slower than the median is a recompile or a stall that the warm-up did not absorb
+        note = f"slowest timed step {max(timed) / step_s:.1f}x the median" if max(timed) > 1.5 * step_s else ""
         return dict(config=config, tokens_per_s=tps, step_s=step_s, first_step_s=times[0], build_s=build_s,
+                    warmup_s=sum(times[:a.warmup]), note=note,
                     mfu_sheet=(tps * run.flops / run.peak) if run.peak else None,
                     mfu_measured=tps * run.flops / measured,
                     matmul_tflops=measured / 1e12, flops_per_token=run.flops, params=run.model.num_params(),
@@ -218,8 +222,8 @@ def table(results: list[dict], a: argparse.Namespace) -> None:
           f"{'trainer.compile_blocks' if a.compile == 'blocks' else 'trainer.compile'}"
           + (f"; {head['device']}, {'bf16' if head['precision'] == 'bf16' else 'fp32'} matmul measured "
              f"{head['matmul_tflops']:.3g} TFLOP/s" if head else ""))
-    print("| config | batch | tokens/s | s/step | MFU (datasheet) | MFU (measured matmul) | peak GiB | first step s "
-          "| loss first -> last | note |")
+    print("| config | batch | tokens/s | s/step | MFU (datasheet) | MFU (measured matmul) | peak GiB "
+          "| warm-up s (step 1) | loss first -> last | note |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v, f: "" if v is None else format(v, f)
     for r in results:
@@ -230,7 +234,7 @@ def table(results: list[dict], a: argparse.Namespace) -> None:
         note = r.get("note", "")
         print(f"| {r['config']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | "
               f"{fmt(r['mfu_sheet'] and 100 * r['mfu_sheet'], '.1f')}{'%' if r['mfu_sheet'] else ''} | "
-              f"{100 * r['mfu_measured']:.1f}% | {fmt(r['peak_gib'], '.1f')} | {r['first_step_s']:.1f} | "
+              f"{100 * r['mfu_measured']:.1f}% | {fmt(r['peak_gib'], '.1f')} | {r['warmup_s']:.1f} ({r['first_step_s']:.1f}) | "
               f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} | {note} |")
     if len(ok) > 1:
         first = [r["loss_first"] for r in ok]
@@ -279,7 +283,7 @@ def main(argv=None) -> int:
             batch //= 2          # and the configurations after it: the table compares at one batch where it can
             print(f"== tinyllama_gpu {config}: out of memory; again at batch {batch}", flush=True)
             r = launch(a, passed, config, batch, max(20.0, min(share, deadline - time.monotonic())))
-            if "error" not in r: r["note"] = f"out of memory at batch {2 * batch}"
+            if "error" not in r: r["note"] = "; ".join(x for x in (f"out of memory at batch {2 * batch}", r["note"]) if x)
         results.append(r)
     table(results, a)
     # success: no configuration failed, and at least one gave figures (not all skipped for want of time)
