@@ -1,4 +1,5 @@
-"""The Triton RMSNorm (run under the interpreter on a CPU) against the plain-PyTorch reference.
+"""The Triton RMSNorm (run under the interpreter on a CPU) and the torch path's hand-written backward
+(`RMSNormFunction`) against the plain-PyTorch reference.
 
 fp32 is compared with the reference directly. For bf16 and fp16 both the kernel and the reference (run in
 that dtype) are compared with the reference computed from the same inputs in fp64: the kernel may be off by
@@ -16,6 +17,7 @@ tr = load_triton("rmsnorm")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # a single row (= a length-1 sequence), small, odd widths and row counts, and TinyLlama's width on a few rows
+IMPLS = ["triton", "torch"]   # the torch path trains through RMSNormFunction
 SHAPES = [(1, 1, 64), (2, 7, 128), (5, 123, 123), (3, 47, 1000), (2, 3, 2048)]
 
 
@@ -29,7 +31,7 @@ def run(f, x, w, r, dy, ds, **kw):
     return outs + [t.grad for t in leaves if t is not None]
 
 
-def compare(shape, dtype, weight=True, residual=False, eps=1e-5):
+def compare(shape, dtype, weight=True, residual=False, eps=1e-5, impl="triton"):
     dim = shape[-1]
     x = torch.randn(shape, dtype=dtype)
     w = (1 + 0.5 * torch.randn(dim)).to(dtype) if weight else None
@@ -37,7 +39,7 @@ def compare(shape, dtype, weight=True, residual=False, eps=1e-5):
     dy, ds = torch.randn(shape, dtype=dtype), (torch.randn(shape, dtype=dtype) if residual else None)
     inputs = [t.clone() for t in (x, w, r, dy, ds) if t is not None]
     with poisoned_outputs():
-        got = run(rms_norm, x, w, r, dy, ds, eps=eps, impl="triton")
+        got = run(rms_norm, x, w, r, dy, ds, eps=eps, impl=impl)
     for before, after in zip(inputs, [t for t in (x, w, r, dy, ds) if t is not None]):
         assert torch.equal(before, after), "the kernel changed an input"
     ref = run(rms_norm_ref, x, w, r, dy, ds, eps=eps)
@@ -51,34 +53,39 @@ def compare(shape, dtype, weight=True, residual=False, eps=1e-5):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_weight(shape, dtype):
-    compare(shape, dtype)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_weight(shape, dtype, impl):
+    compare(shape, dtype, impl=impl)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_no_weight(shape, dtype):
-    compare(shape, dtype, weight=False)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_weight(shape, dtype, impl):
+    compare(shape, dtype, weight=False, impl=impl)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_residual(shape, dtype):
-    compare(shape, dtype, residual=True)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_residual(shape, dtype, impl):
+    compare(shape, dtype, residual=True, impl=impl)
 
 
-def test_residual_no_weight_eps():
-    compare((3, 5, 96), torch.float32, weight=False, residual=True, eps=1e-2)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_residual_no_weight_eps(impl):
+    compare((3, 5, 96), torch.float32, weight=False, residual=True, eps=1e-2, impl=impl)
 
 
-def test_residual_one_output_used():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_residual_one_output_used(impl):
     "Only one output feeds the loss: the other's gradient is None inside the backward."
     x, w, r = torch.randn(4, 3, 40), torch.randn(40), torch.randn(4, 3, 40)
     for which in (0, 1):
         got, ref = [], []
         for f, out in ((rms_norm, got), (rms_norm_ref, ref)):
             xs, ws, rs = (t.clone().requires_grad_() for t in (x, w, r))
-            kw = {"impl": "triton"} if f is rms_norm else {}
+            kw = {"impl": impl} if f is rms_norm else {}
             (f(xs, ws, residual=rs, **kw)[which] * torch.arange(40.0)).sum().backward()
             out += [xs.grad, ws.grad, rs.grad]
         for g, rf in zip(got, ref):
@@ -88,26 +95,28 @@ def test_residual_one_output_used():
                 torch.testing.assert_close(g, rf, atol=1e-4, rtol=1e-4)
 
 
-def test_strided_inputs():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_inputs(impl):
     "x a slice of a wider tensor (rows strided), a transposed x (copied), dy from .sum() (stride 0)."
     big = torch.randn(6, 5, 100, requires_grad=True)
     w = torch.randn(64, requires_grad=True)
     for view in (lambda t: t[..., 10:74], lambda t: t[..., :64].transpose(0, 1)):
         grads = []
-        for f, kw in ((rms_norm, {"impl": "triton"}), (rms_norm_ref, {})):
+        for f, kw in ((rms_norm, {"impl": impl}), (rms_norm_ref, {})):
             y = f(view(big), w, **kw)
             grads.append((y, *torch.autograd.grad(y.sum(), (big, w))))
         for g, rf in zip(*grads):
             torch.testing.assert_close(g, rf, atol=1e-4, rtol=1e-4)
 
 
-def test_mixed_dtypes():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mixed_dtypes(impl):
     "bf16 x with an fp32 weight gives an fp32 y, as the reference's type promotion does; bf16 + fp32 residual too."
     x, r, w = torch.randn(3, 50, dtype=torch.bfloat16), torch.randn(3, 50), torch.randn(50)
-    y = rms_norm(x, w, impl="triton")
+    y = rms_norm(x, w, impl=impl)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, rms_norm_ref(x, w), atol=1e-2, rtol=1e-2)
-    y, s = rms_norm(x, w.bfloat16(), residual=r, impl="triton")
+    y, s = rms_norm(x, w.bfloat16(), residual=r, impl=impl)
     y_ref, s_ref = rms_norm_ref(x, w.bfloat16(), residual=r)
     assert (y.dtype, s.dtype) == (y_ref.dtype, s_ref.dtype) == (torch.float32, torch.float32)
     torch.testing.assert_close(y, y_ref, atol=2e-2, rtol=2e-2)
@@ -116,15 +125,16 @@ def test_mixed_dtypes():
 
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("weight", [False, True])
-def test_gradcheck_fp64(weight, residual):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck_fp64(weight, residual, impl):
     x = torch.randn(2, 2, 9, dtype=torch.float64, requires_grad=True)  # small: gradcheck launches per element
     w = torch.randn(9, dtype=torch.float64, requires_grad=True) if weight else None
     r = torch.randn(2, 2, 9, dtype=torch.float64, requires_grad=True)
     if residual:
-        f = lambda x, w, r: rms_norm(x, w, residual=r, impl="triton")
+        f = lambda x, w, r: rms_norm(x, w, residual=r, impl=impl)
         inputs = (x, w, r)
     else:
-        f = lambda x, w: rms_norm(x, w, impl="triton")
+        f = lambda x, w: rms_norm(x, w, impl=impl)
         inputs = (x, w)
     assert torch.autograd.gradcheck(f, inputs)
 

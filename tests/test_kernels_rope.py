@@ -1,4 +1,5 @@
-"""RoPE: the Triton kernel (under the interpreter without a GPU) against the plain-PyTorch reference."""
+"""RoPE: the Triton kernel (under the interpreter without a GPU) and the torch path (`RoPEFunction`) against the
+plain-PyTorch reference."""
 import pytest
 import torch
 
@@ -6,6 +7,12 @@ from smollm.kernels.rope import rope, rope_ref
 from smollm.kernels.core import load_triton
 
 tr = load_triton("rope")
+IMPLS = ["triton", "torch"]
+
+
+def op(impl):
+    "The public op with `impl`: the Triton kernel or the torch path."
+    return lambda q, k, cos, sin: rope(q, k, cos, sin, impl=impl)
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
        torch.float16: dict(atol=2e-3, rtol=2e-3)}
 
@@ -18,13 +25,13 @@ def tables(T, D, dtype=torch.float32, base=10000.0):
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
-def check(q, k, cos, sin, dtype):
-    "Forward and backward of the Triton op against `rope_ref`, with cloned inputs."
+def check(q, k, cos, sin, dtype, impl="triton"):
+    "Forward and backward of the op with `impl` against `rope_ref`, with cloned inputs."
     q0, k0 = q.detach().clone(), k.detach().clone()
     qt, kt = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
     qr, kr = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
-    out_t = tr.rope(qt, kt, cos, sin)
-    # the reference in fp32: the kernel computes in fp32 and rounds once
+    out_t = op(impl)(qt, kt, cos, sin)
+    # the reference in fp32: the kernel computes in fp32 and rounds once (the torch path rounds at each op)
     out_r = rope_ref(qr.float(), kr.float(), cos.float(), sin.float())
     for a, b in zip(out_t, out_r):
         assert a.dtype == dtype
@@ -40,36 +47,40 @@ def check(q, k, cos, sin, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,HQ,HKV,T,D", [(1, 1, 1, 1, 64), (2, 4, 2, 7, 32), (3, 8, 1, 47, 128), (1, 3, 3, 5, 24)])
-def test_rope_matches_reference(B, HQ, HKV, T, D, dtype):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rope_matches_reference(B, HQ, HKV, T, D, dtype, impl):
     q, k = torch.randn(B, HQ, T, D, dtype=dtype), torch.randn(B, HKV, T, D, dtype=dtype)
     cos, sin = tables(T, D)  # fp32 tables with bf16 activations, as a model passes them
-    check(q, k, cos, sin, dtype)
+    check(q, k, cos, sin, dtype, impl)
 
 
-def test_rope_transposed_views_and_output_layout():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rope_transposed_views_and_output_layout(impl):
     "q, k as the (B, T, H, D).transpose(1, 2) views an attention layer makes; outputs keep that layout."
     B, T, D = 2, 9, 16
     q = torch.randn(B, T, 6, D).transpose(1, 2)
     k = torch.randn(B, T, 2, D).transpose(1, 2)
     cos, sin = tables(T, D)
-    check(q, k, cos, sin, torch.float32)
-    qr, kr = tr.rope(q, k, cos, sin)
+    check(q, k, cos, sin, torch.float32, impl)
+    qr, kr = op(impl)(q, k, cos, sin)
     assert qr.stride() == q.stride() and kr.stride() == k.stride()
 
 
-def test_rope_strided_slices_and_general_tables():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rope_strided_slices_and_general_tables(impl):
     "A slice of the head dim (partial rotary) and tables whose two halves differ (the kernel must not assume)."
     B, H, T, D = 2, 3, 6, 32
     q_full, k_full = torch.randn(B, H, T, D + 8), torch.randn(B, 1, T, D + 8)
     cos, sin = torch.randn(T, D), torch.randn(T, D)
-    check(q_full[..., :D], k_full[..., :D], cos, sin, torch.float32)
+    check(q_full[..., :D], k_full[..., :D], cos, sin, torch.float32, impl)
 
 
-def test_rope_backward_of_a_sum():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rope_backward_of_a_sum(impl):
     "`.sum().backward()` hands the kernel an expanded gradient with all strides 0."
     q, k = torch.randn(1, 2, 3, 8, requires_grad=True), torch.randn(1, 1, 3, 8, requires_grad=True)
     cos, sin = tables(3, 8)
-    qr, kr = tr.rope(q, k, cos, sin)
+    qr, kr = op(impl)(q, k, cos, sin)
     (qr.sum() + 2 * kr.sum()).backward()
     q2, k2 = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
     qr2, kr2 = rope_ref(q2, k2, cos, sin)
@@ -77,12 +88,25 @@ def test_rope_backward_of_a_sum():
     torch.testing.assert_close(q.grad, q2.grad); torch.testing.assert_close(k.grad, k2.grad)
 
 
-def test_rope_gradcheck():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rope_gradcheck(impl):
     "The kernel computes in fp32 whatever the input dtype; RoPE is linear, so a large step is exact."
     q = torch.randn(1, 2, 3, 8, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 1, 3, 8, dtype=torch.float64, requires_grad=True)
     cos, sin = tables(3, 8, torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b: tr.rope(a, b, cos, sin), (q, k), eps=1e-2, atol=1e-4, rtol=1e-3)
+    assert torch.autograd.gradcheck(lambda a, b: op(impl)(a, b, cos, sin), (q, k), eps=1e-2, atol=1e-4, rtol=1e-3)
+
+
+def test_rope_torch_path_gradient_of_the_tables():
+    "Tables that want a gradient (RoPEFunction gives none) make the torch path run the reference."
+    q, k = torch.randn(1, 2, 4, 8), torch.randn(1, 1, 4, 8)
+    got, ref = [], []
+    for f, out in ((op("torch"), got), (rope_ref, ref)):
+        cos, sin = (t.clone().requires_grad_() for t in tables(4, 8))
+        qr, kr = f(q, k, cos, sin)
+        out += torch.autograd.grad((qr * torch.arange(8.0)).sum() + kr.sum(), (cos, sin))
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
 
 
 def test_rope_public_op_dispatches_to_triton():

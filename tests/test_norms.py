@@ -1,7 +1,8 @@
 """RMSNorm against its formula, y = x / sqrt(mean(x^2) + eps) * w, at the eps models use (1e-5, 1e-6) on inputs
 whose mean square is about 1e-5: there eps inside the square root and eps outside it differ by 5 to 40%, so a
 misplaced eps cannot hide in the tolerance. Every implementation: the `smollm.norms.RMSNorm` module, and the op
-`smollm.kernels.rms_norm` in plain PyTorch (with autograd, and the fused op torch runs without it) and in Triton
+`smollm.kernels.rms_norm` in plain PyTorch (with autograd its hand-written backward, `RMSNormFunction`, and the
+fused op torch runs without it) and in Triton
 (under the interpreter without a GPU); forward and backward.
 
 The last tests plant the bug (eps outside the root) and require the checks to fail.
@@ -62,7 +63,8 @@ def check_forward(f, eps):
     want = formula(x, w, eps)
     with torch.no_grad():                               # the inference path (torch's fused op for fp32)
         torch.testing.assert_close(f(x, w, eps).double(), want, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(f(x, w, eps).double(), want, atol=1e-4, rtol=1e-4)   # the autograd path
+    y = f(x.clone().requires_grad_(), w, eps)          # the training path (RMSNormFunction on a CPU)
+    torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
 
 
 def check_backward(f, eps):
@@ -99,8 +101,10 @@ def test_eps_placement_is_measurable():
 @pytest.mark.parametrize("eps", EPS, ids=str)
 @pytest.mark.parametrize("check", [check_forward, check_backward], ids=["forward", "backward"])
 def test_eps_outside_the_root_fails(check, eps, monkeypatch):
-    "The planted bug, in the reference the module and the op run on a CPU with autograd: the checks fail."
+    """The planted bug, in what the module and the op run on a CPU with autograd (RMSNormFunction, and the reference
+    it stands for): the checks fail."""
     monkeypatch.setattr(rmsnorm_mod, "rms_norm_ref", eps_outside)
+    monkeypatch.setattr(rmsnorm_mod.RMSNormFunction, "apply", staticmethod(eps_outside))
     for impl in ("module_torch", "op_torch"):
         with pytest.raises(AssertionError):
             check(IMPLS[impl], eps)

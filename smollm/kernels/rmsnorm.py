@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from .core import resolve_impl, load_triton
 
 # %% auto #0
-__all__ = ['rms_norm_ref', 'rms_norm']
+__all__ = ['rms_norm_ref', 'RMSNormFunction', 'rms_norm']
 
 # %% ../../nbs/11_kernels_rmsnorm.ipynb #91fd7f4c
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5,
@@ -23,16 +23,55 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5
         y = y * weight
     return (y, x) if residual is not None else y
 
+# %% ../../nbs/11_kernels_rmsnorm.ipynb #ecfe042e
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm of x (..., D) with weight (D,) or None, as `rms_norm_ref` computes it, with a closed-form backward
+    that saves x and the per-row 1/rms only. Use it as `RMSNormFunction.apply(x, weight, eps)`."""
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.to(torch.promote_types(x.dtype, torch.float32))   # the statistics in fp32 at least
+            D = x.shape[-1]
+            rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(D).add_(eps).rsqrt_()
+            y = (xf * rstd).to(x.dtype)                               # a fresh tensor: safe to scale in place
+            if weight is not None:
+                y = y.mul_(weight) if torch.result_type(y, weight) == y.dtype else y * weight
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, rstd = ctx.saved_tensors
+        D = x.shape[-1]
+        N = x.numel() // D if D else 0
+        with torch.autocast(x.device.type, enabled=False):
+            xf, r = x.to(rstd.dtype).reshape(N, D), rstd.reshape(N, 1)
+            dx = dw = None
+            if ctx.needs_input_grad[0]:
+                gn = g if weight is None else g * weight              # the gradient at the normalised x, ...
+                gn = gn.to(x.dtype).to(rstd.dtype).reshape(N, D)      # ... through the reference's cast
+                dot = torch.bmm(gn.view(N, 1, D), xf.view(N, D, 1)).view(N, 1)   # sum_d gn * x, per row
+                dx = (gn * r).addcmul_(xf, dot.mul_(r.pow(3)).div_(D), value=-1).to(x.dtype).view(x.shape)
+            if weight is not None and ctx.needs_input_grad[1]:
+                dw = r.view(1, N).mm(g.reshape(N, D) * xf).view(D).to(weight.dtype)
+        return dx, dw, None
+
 # %% ../../nbs/11_kernels_rmsnorm.ipynb #fd8a6d1c
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-5,
              residual: torch.Tensor | None = None, impl: str = "auto"):
     """RMSNorm of `x` (..., dim) with `weight` (dim,); `impl` is 'auto', 'torch' or 'triton'.
     With `residual` (same shape as x) returns `(normed, x + residual)`."""
     if resolve_impl(impl, x) == "torch":
-        if (residual is None and not torch.is_grad_enabled() and x.dtype == torch.float32
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                                   or (residual is not None and residual.requires_grad))
+        if needs_grad and not torch.compiler.is_compiling():   # compiled, inductor fuses the reference itself
+            s = x if residual is None else x + residual
+            y = RMSNormFunction.apply(s, weight, eps)
+            return y if residual is None else (y, s)
+        if (residual is None and not needs_grad and x.dtype == torch.float32
                 and (weight is None or weight.dtype == torch.float32)):
             # inference in fp32 (decoding): the reference's cast is a no-op, so torch's fused op computes the same
-            # function in one call instead of eight; with autograd the reference's backward is as fast
+            # function in one call instead of eight
             return F.rms_norm(x, (x.shape[-1],), weight, eps)
         return rms_norm_ref(x, weight, eps, residual)
     return load_triton("rmsnorm").rms_norm(x, weight, eps, residual)

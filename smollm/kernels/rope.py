@@ -8,7 +8,7 @@ import torch
 from .core import resolve_impl, load_triton
 
 # %% auto #0
-__all__ = ['rotate_half', 'rope_ref', 'rope']
+__all__ = ['rotate_half', 'rope_ref', 'rope_rotate', 'RoPEFunction', 'rope']
 
 # %% ../../nbs/12_kernels_rope.ipynb #5b95aaac
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -21,9 +21,39 @@ def rope_ref(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     cos, sin = cos.to(q.dtype), sin.to(q.dtype)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
+# %% ../../nbs/12_kernels_rope.ipynb #26a4d4c7
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """x cos + rotate_half(x) sin for x (..., D) and cos, sin broadcasting to it, in one product and two
+    multiply-adds; `transpose` applies the transposed map (the backward; with the rotate-half layout, the
+    inverse rotation)."""
+    h = x.shape[-1] // 2
+    out = x * cos                                   # a fresh tensor, which the two halves update in place
+    s1, s2 = sin[..., :h], sin[..., h:]
+    out[..., :h].addcmul_(x[..., h:], s2 if transpose else s1, value=1 if transpose else -1)
+    out[..., h:].addcmul_(x[..., :h], s1 if transpose else s2, value=-1 if transpose else 1)
+    return out
+
+class RoPEFunction(torch.autograd.Function):
+    """`rope_ref` for q (B, Hq, T, D) and k (B, Hkv, T, D) with cos, sin (T, D) (no gradient for them), with the
+    transposed rotation as its backward; it saves cos and sin only. Use it as `RoPEFunction.apply(q, k, cos, sin)`."""
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        ctx.save_for_backward(cos, sin)
+        return rope_rotate(q, cos, sin), rope_rotate(k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        cos, sin = ctx.saved_tensors
+        return rope_rotate(gq, cos, sin, transpose=True), rope_rotate(gk, cos, sin, transpose=True), None, None
+
 # %% ../../nbs/12_kernels_rope.ipynb #5941d8fa
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = "auto"):
-    "Rotary embedding of q (B, Hq, T, D) and k (B, Hkv, T, D) with cos, sin (T, D); returns (q_rot, k_rot)."
+    """Rotary embedding of q (B, Hq, T, D) and k (B, Hkv, T, D) with cos, sin (T, D); returns (q_rot, k_rot).
+    The torch path runs `RoPEFunction`, and the reference under torch.compile (inductor fuses it) or when
+    cos and sin want a gradient."""
     if resolve_impl(impl, q, k) == "torch":
-        return rope_ref(q, k, cos, sin)
+        if torch.compiler.is_compiling() or cos.requires_grad or sin.requires_grad:
+            return rope_ref(q, k, cos, sin)
+        return RoPEFunction.apply(q, k, cos, sin)
     return load_triton("rope").rope(q, k, cos, sin)
