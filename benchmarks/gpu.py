@@ -133,7 +133,7 @@ def digest(key: str, log: str) -> list[str]:
     if key == "2":
         start = max((i for i, x in enumerate(lines) if x.startswith("| target |")), default=len(lines))
         return [x for x in lines if x.startswith("device:")][:1] + [x for x in lines[start:] if x.startswith("|")] + \
-               [x for x in lines if x.startswith("FAILED:")][-1:]
+               [x for x in lines if x.startswith(("FAILED:", "SKIPPED"))]
     start = max((i for i, x in enumerate(lines) if x.startswith("tinyllama_gpu: ") and "AdamW" in x), default=None)
     return [] if start is None else [x for x in lines[start:] if x.strip()]
 
@@ -154,8 +154,8 @@ def main(argv=None) -> int:
             print(f"\n==== part {part.key}: {part.what}: skipped, {left:.0f} s of the budget left", flush=True)
             continue
         extra = shlex.split(a.kernels if part.script == "kernels.py" else a.tinyllama)
-        if part.script == "tinyllama_gpu.py":   # its own budget, inside the timeout, so that it prints its table
-            extra = ["--budget", f"{max(10.0, timeout - 15):.0f}", *extra]
+        if part.key in ("2", "3"):   # a budget of its own inside the timeout, so that it prints its tables
+            extra = ["--budget", f"{max(10.0, timeout - (60 if part.key == '2' else 15)):.0f}", *extra]
         cmd = [sys.executable, str(HERE / part.script), *part.args, *(["--quick"] if a.quick else []), *extra]
         print(f"\n==== part {part.key}: {part.what} (timeout {timeout:.0f} s)\n$ {shlex.join(cmd)}", flush=True)
         status, secs = run_part(cmd, a.logs / f"{part.key}-{part.name}.txt", timeout)

@@ -140,7 +140,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes on the CPU under the Triton interpreter")
     p.add_argument("--check", action="store_true", help="correctness only (no timing): a table of the cases")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds: an op not started by then is skipped (so that the tables still print)")
     args = p.parse_args(argv)
+    t_start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -155,21 +158,29 @@ def main(argv=None) -> int:
     copy, mm = copy_bandwidth_gbps(device), matmul_tflops(device)
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)'}; "
           f"copy {copy and round(copy)} GB/s; bf16 matmul {mm and round(mm)} TFLOP/s\n")
-    rows, failed = [], []
+    rows, failed, skipped = [], [], []
     for op in ops:
         t0 = time.perf_counter()
+        if args.budget is not None and t0 - t_start > args.budget:
+            skipped.append(op)
+            print(f"kernels: {op} skipped, the --budget of {args.budget:.0f} s is spent", flush=True)
+            continue
         try:
-            mod = importlib.import_module(f"kernels_{op}")
-            rows += mod.run(args.quick, device)
+            mine = importlib.import_module(f"kernels_{op}").run(args.quick, device)
+            rows += mine
+            print_table(mine, copy, mm)   # as it goes: a run stopped later keeps these
         except Exception:  # one broken op must not hide the others' figures
             traceback.print_exc()
             failed.append(op)
-        print(f"kernels: {op} done in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"kernels: {op} done in {time.perf_counter() - t0:.1f} s\n", flush=True)
+    print("all ops:")
     print_table(rows, copy, mm)
     print_targets(rows, copy)
+    if skipped:
+        print(f"\nSKIPPED (out of --budget): {', '.join(skipped)}")
     if failed:
         print(f"\nFAILED: {', '.join(failed)}")
-    return 1 if failed else 0
+    return 1 if failed or skipped else 0
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ OPS = ("rms_norm", "rope", "swiglu", "cross_entropy", "linear_cross_entropy", "a
 
 
 def rows(text: str, head: str) -> list[list[str]]:
-    "The cells of the rows of the Markdown table whose header line starts with `head`."
+    "The cells of the rows of the last Markdown table whose header line starts with `head`."
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(head))
+    start = max(i for i, line in enumerate(lines) if line.startswith(head))
     out = []
     for line in lines[start + 2:]:
         if not line.startswith("| "):
