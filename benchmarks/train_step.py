@@ -1,4 +1,4 @@
-"""One training step on the CPU: smollm against transformers and litgpt, same architecture, same weights, same optimizer.
+"""One training step on the CPU: smollm against transformers and litgpt, one architecture, same weights and optimizer.
 
 A step is forward, loss, backward and an AdamW update (`smollm.train.adamw`, the trainer's own: fused, weight decay
 on matrices outside the embedding, the same settings for all three). The three models are one architecture:
@@ -14,16 +14,18 @@ block 512, batch 2 x 512). Modes, each the same treatment for all three models:
 - `compile`: `torch.compile` of forward + loss (as the trainer's `trainer.compile=true` does; backward through
   AOTAutograd, the optimizer eager). Compile s: step 0 and the warm-up steps (which take any recompile) less as
   many median steps; graphs: the graphs dynamo compiled for that model (1 = one graph, never recompiled). Inductor's
-  caches are off (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, unless set), so it is a cold compile each run;
+  caches are off (torch.compiler.config.force_disable_caches, unless TORCHINDUCTOR_FORCE_DISABLE_CACHES is set), so
+  it is a cold compile each run;
 - `bf16`: `torch.autocast('cpu', dtype=torch.bfloat16)` around forward + loss (the weights and AdamW stay fp32).
 
-Timing: after step 0 and warm-up steps, the implementations alternate step by step, in an order that rotates each round, and
-the table gives medians over the rounds. Each round also times **the matmul limit**: the step's own matrix products
-at the step's shapes and dtype, one after another on the same threads: for every linear layer (q, k, v, o, gate, up,
-down, and the lm_head) the forward `x @ W.T` and the two backward products `dY @ W` and `dY.T @ x`; for attention,
-per batch row and query head, QK^T and PV forward and the four backward products (dV = P^T dO, dP = dO V^T,
-dQ = dS K, dK = dS^T Q), counted at HALF their full T x T time, because the causal mask lets the flash kernels skip
-the upper triangle. Efficiency = limit / step time: 1.0 would be a step that does nothing but its matrix products.
+Timing: after step 0 and warm-up steps, the implementations alternate step by step, in an order that rotates each
+round, and the table gives medians over the rounds. Each round also times **the matmul limit**: the step's own
+matrix products at the step's shapes and dtype, one after another on the same threads: for every linear layer (q, k,
+v, o, gate, up, down, and the lm_head) the forward `x @ W.T` and the two backward products `dY @ W` and `dY.T @ x`;
+for attention, per batch row and query head, QK^T and PV forward and the four backward products (dV = P^T dO, dP =
+dO V^T, dQ = dS K, dK = dS^T Q), counted at HALF their full T x T time, because the causal mask lets the flash
+kernels skip the upper triangle. Efficiency = limit / step time: 1.0 would be a step that does nothing but its
+matrix products.
 
 Peak memory: torch.profiler's memory events (profile_memory=True) over one step after the timed ones: the highest
 total of live tensor bytes during the step, above those live when it began (activations, gradients, temporaries;
@@ -39,18 +41,15 @@ see pyproject.toml); without it the litgpt rows and columns are left out with a 
 """
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")   # compile times are cold compiles
-
 import argparse
 import contextlib
-import math
+import os
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -335,7 +334,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     args.backend = args.backend or ("aot_eager" if args.quick else "inductor")
+    if "TORCHINDUCTOR_FORCE_DISABLE_CACHES" not in os.environ:
+        torch.compiler.config.force_disable_caches = True   # compile times are cold compiles
     lit = litgpt_modules()
+    print("versions: " + ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "litgpt")
+                                   if name != "litgpt" or lit is not None))
     if lit is None:
         print(LITGPT_MISSING)
     modes = MODES if args.mode == "all" else (args.mode,)

@@ -63,3 +63,24 @@ def test_train_step_without_litgpt_leaves_it_out(tmp_path):
     assert "litgpt is not installed" in out.stdout and "`bench` extra" in out.stdout, out.stdout
     rows = tables(out.stdout)["eager"]
     assert {r["impl"] for r in rows} == {"smollm", "transformers"} and "vs litgpt" not in rows[0], out.stdout
+
+
+def test_matmul_limit_counts_every_linear_weight_three_times():
+    # the limit's products, counted from the architecture's widths, against the weights of the model smollm builds:
+    # each matrix takes 3 products of 2 * tokens * its size (forward, dX, dW); attention 6 of B*H*T*T*hd, half of them
+    import importlib.util as iu
+
+    import torch
+    from smollm.config import build_model, compose
+    spec = iu.spec_from_file_location("train_step", ROOT / "benchmarks" / "train_step.py")
+    bench = sys.modules["train_step"] = iu.module_from_spec(spec)   # dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    cfg = compose(bench.QUICK["overrides"])
+    model = build_model(cfg.model)
+    m = cfg.model
+    s = bench.Shape(m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.dim // m.n_heads, m.mlp_hidden, m.vocab_size, 3, 16)
+    weights = sum(p.numel() for name, p in model.named_parameters() if p.ndim == 2 and "embed" not in name)
+    attention = 6 * 2 * s.batch * s.n_heads * s.seq ** 2 * s.head_dim * s.n_layers / 2
+    limit = bench.MatmulLimit(s, torch.float32)
+    assert limit.flops == 6 * s.batch * s.seq * weights + attention
+    assert limit.time() > 0
