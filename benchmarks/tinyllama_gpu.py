@@ -6,7 +6,7 @@ gradient clipping, the loss the model computes) on `model=tinyllama_1b` at seque
 data are uniformly random tokens with a target at every position, drawn in a few microseconds per batch, so that
 the step is the model's and the loss's work only (as in pretraining; MQAR's few targets would not be).
 
-    python benchmarks/tinyllama_gpu.py                       # on the GPU: the four configurations, then the table
+    python benchmarks/tinyllama_gpu.py                       # on the GPU: the five configurations, then the table
     python benchmarks/tinyllama_gpu.py --configs triton+compile --steps 10
     python benchmarks/tinyllama_gpu.py --quick               # the same path on a CPU (model=tiny, fp32), for CI
 
@@ -18,9 +18,9 @@ code serves all 22 identical blocks, so it costs the least of the budget) or `--
 the whole loss, embedding to cross-entropy, one graph). The step-1 losses of all configurations should agree
 (same seed, same weights, same data): a check that the kernels compute the same model.
 The first `--warmup` steps (the first pays for autotuning and compiling, a later one for any recompile; their
-seconds are reported) are not timed; tokens/s is batch x seq over the median of the `--steps` timed steps, each closed by a device
-synchronisation. MFU is tokens/s x `smollm.train.flops_per_token` (6 N + the attention's 12 x heads x head_dim x
-seq per layer) over the datasheet peak (`smollm.train.PEAK_FLOPS`) and over a bf16 matmul measured in the same
+seconds are reported) are not timed; tokens/s is batch x seq over the median of the `--steps` timed steps, each
+closed by a device synchronisation. MFU is tokens/s x `smollm.train.flops_per_token` (6 N + the attention's
+12 x heads x head_dim x seq per layer) over the datasheet peak (`smollm.train.PEAK_FLOPS`) and over a bf16 matmul measured in the same
 process. A configuration that runs out of memory is run again at half the batch (said in its row).
 
 Targets (issue 14): 60k tokens/s or more on one H200; TinyLlama reports 24k tokens/s per A100-40G at 56% MFU.
@@ -234,7 +234,8 @@ def table(results: list[dict], a: argparse.Namespace) -> None:
         note = r.get("note", "")
         print(f"| {r['config']} | {r['batch']} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | "
               f"{fmt(r['mfu_sheet'] and 100 * r['mfu_sheet'], '.1f')}{'%' if r['mfu_sheet'] else ''} | "
-              f"{100 * r['mfu_measured']:.1f}% | {fmt(r['peak_gib'], '.1f')} | {r['warmup_s']:.1f} ({r['first_step_s']:.1f}) | "
+              f"{100 * r['mfu_measured']:.1f}% | {fmt(r['peak_gib'], '.1f')} | "
+              f"{r['warmup_s']:.1f} ({r['first_step_s']:.1f}) | "
               f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} | {note} |")
     if len(ok) > 1:
         first = [r["loss_first"] for r in ok]
@@ -283,7 +284,8 @@ def main(argv=None) -> int:
             batch //= 2          # and the configurations after it: the table compares at one batch where it can
             print(f"== tinyllama_gpu {config}: out of memory; again at batch {batch}", flush=True)
             r = launch(a, passed, config, batch, max(20.0, min(share, deadline - time.monotonic())))
-            if "error" not in r: r["note"] = "; ".join(x for x in (f"out of memory at batch {2 * batch}", r["note"]) if x)
+            if "error" not in r:
+                r["note"] = "; ".join(x for x in (f"out of memory at batch {2 * batch}", r["note"]) if x)
         results.append(r)
     table(results, a)
     # success: no configuration failed, and at least one gave figures (not all skipped for want of time)
