@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from smollm.kernels.core import load_triton
-from smollm.kernels.cross_entropy import (REDUCTIONS, ce_rows_torch, cross_entropy, cross_entropy_ref,
-                                          default_chunk_size, linear_cross_entropy, linear_cross_entropy_chunked,
-                                          linear_cross_entropy_ref)
+from smollm.kernels.cross_entropy import (REDUCTIONS, ce_rows_fused, ce_rows_torch, cross_entropy,
+                                          cross_entropy_ref, default_chunk_size, linear_cross_entropy,
+                                          linear_cross_entropy_chunked, linear_cross_entropy_ref,
+                                          linear_cross_entropy_unchunked)
 
 tr = load_triton("cross_entropy")
 EXTRAS = {"plain": {}, "extras": dict(z_loss=1e-3, softcap=5.0)}
@@ -152,7 +153,8 @@ def test_cross_entropy_bad_input():
 # ------------------------------------------------------------------------------------ linear_cross_entropy
 
 LINEAR = {"triton": lambda *a, **kw: tr.linear_cross_entropy(*a, **kw),
-          "torch-chunked": linear_cross_entropy_chunked}
+          "torch-chunked": linear_cross_entropy_chunked,
+          "torch-unchunked": lambda *a, chunk_size=None, **kw: linear_cross_entropy_unchunked(*a, **kw)}
 
 
 def linear_check(fn, h, W, y, dtype, **kw):
@@ -261,7 +263,7 @@ def test_linear_cross_entropy_scaled_tinyllama(dtype):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("all_ignored", [False, True])
 def test_small_cpu_path_matches_reference(reduction, all_ignored):
-    "On a CPU, logits that fit in one chunk go through torch's fused cross-entropy: same loss and gradients."
+    "On a CPU, logits that fit in `CPU_CHUNK_LOGITS` go through the unchunked op: same loss and gradients."
     from smollm.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
     h, w = torch.randn(2, 9, 16, requires_grad=True), torch.randn(37, 16, requires_grad=True)
     y = torch.randint(0, 37, (2, 9))
@@ -276,3 +278,61 @@ def test_small_cpu_path_matches_reference(reduction, all_ignored):
     ref.sum().backward()
     torch.testing.assert_close(h.grad, h2.grad)
     torch.testing.assert_close(w.grad, w2.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("softcap,z_loss", [(None, 0.0), (3.0, 1e-2)])
+def test_ce_rows_fused_matches_ce_rows_torch(dtype, softcap, z_loss):
+    "The in-place fused form against the closed form spelled out: per-row weights, an ignored row, a NaN-free buffer."
+    n, V = 7, 1000
+    z, y, w = (torch.randn(n, V) * 4).to(dtype), targets(n, V, ignored=(1,)), torch.rand(n)
+    y[3] = V - 1
+    loss_r, g_r = ce_rows_torch(z, y, -100, z_loss, softcap, w)
+    buf = z.clone()
+    loss, g = ce_rows_fused(buf, y, -100, z_loss, softcap, w)
+    assert g is buf and g.dtype == dtype
+    close(loss, loss_r, torch.float32)
+    close(g, g_r, dtype)
+    assert torch.equal(g[1], torch.zeros(V, dtype=dtype))  # the ignored row
+
+
+def test_public_op_on_cpu_runs_unchunked_and_refuses_bad_targets():
+    "Without chunk_size a CPU input takes the unchunked op; with one, the chunked op; both check the targets."
+    h, w, y = torch.randn(5, 8, requires_grad=True), torch.randn(30, 8), targets(5, 30)
+    assert type(linear_cross_entropy(h, w, y, impl="torch").grad_fn).__name__.startswith("Unchunked")
+    assert not type(linear_cross_entropy(h, w, y, impl="torch", chunk_size=2).grad_fn).__name__.startswith("Unchunked")
+    for chunk_size in (None, 2):
+        with pytest.raises(ValueError, match=r"targets must lie in \[0, 30\) or equal ignore_index=-100; found \[30, -1\]"):
+            linear_cross_entropy(h, w, torch.tensor([0, 30, 1, -1, -100]), impl="torch", chunk_size=chunk_size)
+
+
+def test_unchunked_retain_graph_and_no_second_derivative():
+    h, w, y = torch.randn(6, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True), targets(6, 20)
+    out = linear_cross_entropy_unchunked(h, w, y, reduction="sum")
+    g1 = torch.autograd.grad(out, (h, w), torch.tensor(2.0), retain_graph=True)
+    g2 = torch.autograd.grad(out, (h, w), torch.tensor(2.0))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)  # the saved gradient block is not scaled in place
+    gh, = torch.autograd.grad(linear_cross_entropy_unchunked(h, w, y), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        gh.sum().backward()
+
+
+def test_compiled_range_check_is_an_async_assert():
+    "Under torch.compile the range check stays in the graph (fullgraph) and still refuses a bad target."
+    fn = torch.compile(lambda h, w, y: linear_cross_entropy(h, w, y, impl="torch"), fullgraph=True, backend="eager")
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    torch.testing.assert_close(fn(h, w, torch.tensor([0, 1, 9, -100])),
+                               linear_cross_entropy_ref(h, w, torch.tensor([0, 1, 9, -100])))
+    with pytest.raises(RuntimeError, match=r"targets must lie in \[0, 10\)"):
+        fn(h, w, torch.tensor([0, 1, 10, -100]))
+
+
+def test_transformer_loss_has_no_graph_break():
+    "torch._dynamo.explain of the nano model's loss: the range check used to split the graph in two."
+    from smollm.config import build_model, compose
+    torch.manual_seed(0)
+    model = build_model(compose(["model=tinyllama_nano"]).model)
+    x, y = torch.randint(0, 100, (1, 16)), torch.randint(0, 100, (1, 16))
+    explanation = torch._dynamo.explain(model.loss)(x, y)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]

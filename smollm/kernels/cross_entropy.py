@@ -5,13 +5,13 @@
 # %% ../../nbs/14_kernels_cross_entropy.ipynb #bc4a40f6
 from __future__ import annotations
 import torch
-import torch.nn.functional as F
 from .core import resolve_impl, load_triton, next_power_of_2
 
 # %% auto #0
 __all__ = ['REDUCTIONS', 'CPU_CHUNK_LOGITS', 'reduction_scale', 'reduce_loss', 'cross_entropy_ref', 'linear_cross_entropy_ref',
-           'check_ce_args', 'check_targets_in_range', 'ce_rows_torch', 'default_chunk_size',
-           'LinearCrossEntropyFunction', 'check_linear_ce_args', 'linear_cross_entropy_chunked', 'cross_entropy',
+           'check_ce_args', 'check_targets_in_range', 'ce_rows_torch', 'ce_dlogits_', 'ce_rows_fused',
+           'default_chunk_size', 'LinearCrossEntropyFunction', 'check_linear_ce_args', 'linear_cross_entropy_chunked',
+           'UnchunkedLinearCrossEntropyFunction', 'linear_cross_entropy_unchunked', 'cross_entropy',
            'linear_cross_entropy']
 
 # %% ../../nbs/14_kernels_cross_entropy.ipynb #3076e9c0
@@ -70,11 +70,18 @@ def check_ce_args(logits_shape, targets: torch.Tensor, reduction: str, softcap, 
         raise ValueError(f"{where}: targets must be an integer tensor, got {targets.dtype}")
 
 def check_targets_in_range(targets: torch.Tensor, vocab: int, ignore_index: int, where: str):
-    """Refuse targets outside [0, vocab) other than `ignore_index`. Skipped for CUDA tensors, where it would cost
-    a host sync per call: there the Triton kernel gives such a row a NaN loss, and torch's gather asserts."""
+    """Refuse targets outside [0, vocab) other than `ignore_index`, with a ValueError naming some of them. Skipped
+    for CUDA tensors, where it would cost a host sync per call: there the Triton kernel gives such a row a NaN
+    loss, and torch's gather asserts. Under `torch.compile` the check stays in the graph as an asynchronous
+    assert (a RuntimeError when the step runs, without the values): reading the answer on the host would break
+    the graph in two."""
     if targets.is_cuda or targets.numel() == 0:
         return
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"{where}: targets must lie in [0, {vocab}) or equal "
+                                        f"ignore_index={ignore_index}")
+        return
     if bool(bad.any()):
         raise ValueError(f"{where}: targets must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
                          f"found {targets[bad][:5].tolist()}")
@@ -101,6 +108,65 @@ def ce_rows_torch(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     g = g * torch.where(valid, grad_weight.float(), 0.0).unsqueeze(-1)
     return loss, g.to(logits.dtype)
 
+# %% ../../nbs/14_kernels_cross_entropy.ipynb #f6476bc1
+def _ce_fp32_(z: torch.Tensor, tgt: torch.Tensor, valid: torch.Tensor, z_loss: float, softcap: float | None,
+              need_grad: bool) -> torch.Tensor:
+    """In place on fp32 logits z (n, V): returns the per-row loss (n,), 0 where not `valid`; when `need_grad`,
+    z is left holding the gradient of each row's loss with respect to its logits. tgt (n, 1): class indices,
+    any valid index on ignored rows."""
+    if softcap is not None:
+        t = torch.div(z, softcap).tanh_()    # kept for the chain rule
+        torch.mul(t, softcap, out=z)
+    zy = z.gather(1, tgt).squeeze(1) if z_loss else None
+    torch.log_softmax(z, 1, out=z)           # log p, in place
+    logp_y = z.gather(1, tgt)
+    loss = -logp_y.squeeze(1)
+    f = None
+    if z_loss:
+        lse = zy + loss                       # log Z = z_y - log p_y
+        loss = loss + z_loss * lse * lse
+        f = (1 + 2 * z_loss * lse).unsqueeze(1)
+    loss = torch.where(valid, loss, 0.0)
+    if not need_grad:
+        return loss
+    z.exp_()                                  # p
+    gy = logp_y.exp()
+    if f is not None:
+        z.mul_(f)
+        gy = gy * f
+    gy = gy - 1                               # the target's entry, from log p_y in fp32
+    if softcap is not None:
+        d = t.square_().neg_().add_(1)        # d(softcap * tanh(x / softcap)) / dx
+        z.mul_(d)
+        gy = gy * d.gather(1, tgt)
+    z.scatter_(1, tgt, gy)
+    return loss
+
+def ce_dlogits_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, z_loss: float,
+                softcap: float | None, need_grad: bool):
+    """Cross-entropy of logits (n, V) against targets (n,), overwriting the logits: returns (loss (n,), 0 on
+    ignored rows; the logits tensor now holding d loss_i / d logits_i in its own dtype, or None when not
+    `need_grad`; valid (n,), True where the target is not `ignore_index`). Rows are not weighted: an ignored
+    row's gradient is garbage the caller must multiply by 0."""
+    valid = targets != ignore_index
+    tgt = torch.where(valid, targets, 0).unsqueeze(1)
+    z = logits if logits.dtype == torch.float32 else logits.float()
+    loss = _ce_fp32_(z, tgt, valid, z_loss, softcap, need_grad)
+    if not need_grad:
+        return loss, None, valid
+    if z is not logits:
+        logits.copy_(z)
+    return loss, logits, valid
+
+def ce_rows_fused(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, z_loss: float,
+                  softcap: float | None, grad_weight: torch.Tensor | None):
+    """`ce_rows_torch`'s contract, computed by `ce_dlogits_`: the gradient (weighted by `grad_weight`, 0-dim or
+    (n,), 0 on ignored rows) is written over `logits`, which the caller hands over."""
+    loss, g, valid = ce_dlogits_(logits, targets, ignore_index, z_loss, softcap, grad_weight is not None)
+    if g is not None:
+        g.mul_(torch.where(valid, grad_weight.float(), 0.0).unsqueeze(-1))
+    return loss, g
+
 # %% ../../nbs/14_kernels_cross_entropy.ipynb #34c8088a
 def default_chunk_size(n: int, dim: int, vocab: int, min_logits: int = 0) -> int:
     """Rows per chunk so that chunk x vocab is about n x dim (Liger's rule), a power of two; but at least
@@ -108,8 +174,9 @@ def default_chunk_size(n: int, dim: int, vocab: int, min_logits: int = 0) -> int
     per_row = -(-vocab // max(dim, 1))  # how many hidden rows one row of logits weighs
     return max(next_power_of_2(-(-max(n, 1) // per_row)), min(max(n, 1), min_logits // max(vocab, 1)))
 
-# On a CPU, memory is plentiful and small matmuls are slow: chunks of up to 2^24 logits (64 MiB in fp32).
-CPU_CHUNK_LOGITS = 2**24
+# On a CPU memory is plentiful, and each chunk costs the grad-weight buffer one more read and write: up to this
+# many logits (256 MiB in fp32) are computed at once, unchunked (see `linear_cross_entropy_unchunked`).
+CPU_CHUNK_LOGITS = 2**26
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, where: str) -> torch.dtype:
     "The dtype of the lm-head matmul: autocast's when it is on, else that of hidden (and weight)."
@@ -131,11 +198,13 @@ def _linear_ce_chunks(ce_rows, hidden, weight, targets, ignore_index, z_loss, so
     gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_grad and need_gh else None
     gw = torch.zeros(weight.shape, dtype=gw_dtype, device=weight.device) if need_grad and need_gw else None
     per_row = grad_weight_rows is not None and grad_weight_rows.dim() == 1
+    buf = torch.empty(min(chunk_size, N), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
     for s in range(0, N, chunk_size):
         e = min(s + chunk_size, N)
         h = hidden[s:e]
         w = None if not need_grad else grad_weight_rows[s:e] if per_row else grad_weight_rows
-        loss[s:e], dlogits = ce_rows(h @ weight.t(), targets[s:e], ignore_index, z_loss, softcap, w)
+        logits = torch.mm(h, weight.t(), out=buf[:e - s])  # one buffer for every chunk: ce_rows may overwrite it
+        loss[s:e], dlogits = ce_rows(logits, targets[s:e], ignore_index, z_loss, softcap, w)
         if gh is not None:
             torch.mm(dlogits, weight, out=gh[s:e])
         if gw is not None:
@@ -148,7 +217,7 @@ def _linear_ce_chunks(ce_rows, hidden, weight, targets, ignore_index, z_loss, so
 # %% ../../nbs/14_kernels_cross_entropy.ipynb #b6729b2e
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Chunked lm head + cross-entropy of hidden (..., dim) @ weight (V, dim).T against targets (...). The forward
-    computes the loss chunk by chunk with `ce_rows` (`ce_rows_torch` or the Triton kernel) and, for 'mean' and
+    computes the loss chunk by chunk with `ce_rows` (`ce_rows_fused` or the Triton kernel) and, for 'mean' and
     'sum', the gradients too, so the backward only scales them by grad_output; for 'none' the backward
     recomputes each chunk with grad_output as the row weights."""
     @staticmethod
@@ -211,7 +280,51 @@ def linear_cross_entropy_chunked(hidden: torch.Tensor, weight: torch.Tensor, tar
     min_logits = CPU_CHUNK_LOGITS if hidden.device.type == "cpu" else 0
     chunk_size = chunk_size or default_chunk_size(n, weight.shape[1], weight.shape[0], min_logits)
     return LinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, reduction, z_loss, softcap,
-                                            chunk_size, ce_rows_torch)
+                                            chunk_size, ce_rows_fused)
+
+# %% ../../nbs/14_kernels_cross_entropy.ipynb #66426ce1
+class UnchunkedLinearCrossEntropyFunction(torch.autograd.Function):
+    """lm head + cross-entropy of hidden (..., dim) @ weight (V, dim).T against targets (...), all rows at once:
+    the forward keeps d loss_i / d logits_i (N, V) in the compute dtype, the backward weights the rows and
+    runs the two gradient matmuls."""
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, z_loss, softcap):
+        cdt = _compute_dtype(hidden, weight, "linear_cross_entropy")
+        shape, dim = hidden.shape, hidden.shape[-1]
+        h, w, y = hidden.reshape(-1, dim).to(cdt), weight.to(cdt), targets.reshape(-1)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with torch.autocast(h.device.type, enabled=False):
+            loss, g, valid = ce_dlogits_(torch.mm(h, w.t()), y, ignore_index, z_loss, softcap, need_grad)
+        scale = reduction_scale(valid, reduction)
+        ctx.meta = (shape, hidden.dtype, weight.dtype)
+        if need_grad:
+            ctx.save_for_backward(g, h, w, torch.where(valid, scale, 0.0))
+        return reduce_loss(loss, scale, reduction, shape[:-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # a second derivative raises instead of being silently wrong
+    def backward(ctx, grad_out):
+        shape, hdt, wdt = ctx.meta
+        g, h, w, r = ctx.saved_tensors
+        r = (r * grad_out.reshape(-1).float()).unsqueeze(1)    # (N, 1) row weights
+        gh = gw = None
+        with torch.autocast(h.device.type, enabled=False):
+            if ctx.needs_input_grad[0]:
+                gh = torch.mm(g, w).mul_(r).to(hdt).view(shape)
+            if ctx.needs_input_grad[1]:
+                gw = torch.mm(g.t(), (h * r).to(g.dtype)).to(wdt)
+        return gh, gw, None, None, None, None, None
+
+def linear_cross_entropy_unchunked(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                   ignore_index: int = -100, reduction: str = "mean", z_loss: float = 0.0,
+                                   softcap: float | None = None):
+    """Plain-PyTorch lm head + cross-entropy of hidden (N, dim), weight (V, dim), targets (N,), all N x V
+    logits at once (`UnchunkedLinearCrossEntropyFunction`): the CPU path of `linear_cross_entropy`."""
+    where = "linear_cross_entropy"
+    check_linear_ce_args(hidden, weight, targets, reduction, softcap, None, where)
+    check_targets_in_range(targets, weight.shape[0], ignore_index, where)
+    return UnchunkedLinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, reduction, z_loss,
+                                                     softcap)
 
 # %% ../../nbs/14_kernels_cross_entropy.ipynb #8e464234
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -222,25 +335,17 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
         return cross_entropy_ref(logits, targets, ignore_index, reduction, z_loss, softcap)
     return load_triton("cross_entropy").cross_entropy(logits, targets, ignore_index, reduction, z_loss, softcap)
 
-def _small_linear_ce_cpu(hidden, weight, targets, ignore_index, reduction):
-    "Unfused lm head + torch's cross-entropy, with this module's checks and its mean (0 when all are ignored)."
-    check_linear_ce_args(hidden, weight, targets, reduction, None, None, "linear_cross_entropy")
-    check_targets_in_range(targets, weight.shape[0], ignore_index, "linear_cross_entropy")
-    logits = (hidden.reshape(-1, hidden.shape[-1]) @ weight.t()).float()
-    y = targets.reshape(-1)
-    loss = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none")  # 0 on ignored rows
-    return reduce_loss(loss, reduction_scale(y != ignore_index, reduction), reduction, targets.shape)
-
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = -100, reduction: str = "mean", z_loss: float = 0.0,
                          softcap: float | None = None, impl: str = "auto", chunk_size: int | None = None):
     """Cross-entropy of hidden (N, dim) @ weight (V, dim).T against targets (N,), computed over chunks of
-    `chunk_size` rows (default: chunk x V about N x dim) so the full logits never exist at once."""
+    `chunk_size` rows (default: chunk x V about N x dim) so the full logits never exist at once. On a CPU with
+    `impl` 'torch' or 'auto' and no `chunk_size`, up to `CPU_CHUNK_LOGITS` logits are computed at once instead
+    (`linear_cross_entropy_unchunked`)."""
     if resolve_impl(impl, hidden) == "torch":
-        if (chunk_size is None and z_loss == 0 and softcap is None and hidden.device.type == "cpu"
-                and hidden.numel() // hidden.shape[-1] * weight.shape[0] <= CPU_CHUNK_LOGITS):
-            # the logits fit in one CPU chunk anyway: torch's fused log-softmax + nll is faster than the chunk loop
-            return _small_linear_ce_cpu(hidden, weight, targets, ignore_index, reduction)
+        if (chunk_size is None and hidden.device.type == "cpu"
+                and hidden.numel() // max(hidden.shape[-1], 1) * weight.shape[0] <= CPU_CHUNK_LOGITS):
+            return linear_cross_entropy_unchunked(hidden, weight, targets, ignore_index, reduction, z_loss, softcap)
         return linear_cross_entropy_chunked(hidden, weight, targets, ignore_index, reduction, z_loss, softcap,
                                             chunk_size)
     return load_triton("cross_entropy").linear_cross_entropy(hidden, weight, targets, ignore_index, reduction,
