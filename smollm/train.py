@@ -25,12 +25,13 @@ from .runs import (METRIC_COLUMNS, MetricsLog, latest_checkpoint, load_checkpoin
                          save_tokenizer, set_rng_state, update_run_json)
 
 # %% auto #0
-__all__ = ['PEAK_FLOPS', 'LAUNCHER_PLUGINS', 'decay_groups', 'adamw', 'Optimizers', 'muon', 'Cosine', 'WSD', 'Constant',
-           'param_totals', 'flops_per_token', 'peak_flops', 'autocast', 'target_shares', 'accumulate', 'take_mtp_loss',
-           'mtp_columns', 'evaluate', 'plot_metrics', 'TrainRun', 'per_rank_batch', 'init_model_config',
-           'with_init_from', 'training_block', 'initial_model', 'set_up', 'resume', 'open_run', 'TrainingError',
-           'train_step', 'score', 'evaluation', 'log_metrics', 'checkpoint', 'vs_unigram', 'final_line', 'finish',
-           'write_samples', 'train', 'check_launcher', 'main']
+__all__ = ['PEAK_FLOPS', 'PRECISIONS', 'LAUNCHER_PLUGINS', 'decay_groups', 'adamw', 'Optimizers', 'muon', 'Cosine', 'WSD',
+           'Constant', 'param_totals', 'flops_per_token', 'peak_flops', 'cpu_bf16_native', 'bf16_native',
+           'choose_precision', 'autocast', 'target_shares', 'accumulate', 'take_mtp_loss', 'mtp_columns', 'evaluate',
+           'plot_metrics', 'TrainRun', 'per_rank_batch', 'init_model_config', 'with_init_from', 'training_block',
+           'initial_model', 'set_up', 'resume', 'open_run', 'TrainingError', 'train_step', 'score', 'evaluation',
+           'log_metrics', 'checkpoint', 'vs_unigram', 'final_line', 'finish', 'write_samples', 'train',
+           'check_launcher', 'main']
 
 # %% ../nbs/21_train.ipynb #82800202
 def _table_params(model: nn.Module) -> set[int]:
@@ -190,15 +191,47 @@ def peak_flops(device: torch.device, override: float | None = None) -> float | N
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
-# %% ../nbs/21_train.ipynb #74e09f28
-def autocast(device: torch.device, precision: str = "bf16"):
-    "bf16 autocast on CUDA when precision='bf16'; nothing otherwise (the CPU trains in fp32)."
+# %% ../nbs/21_train.ipynb #71645bc1
+PRECISIONS = ("fp32", "bf16", "auto")
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware: x86 with AVX512_BF16 or AMX-BF16, Arm with the BF16
+    extension (read from torch.cpu.get_capabilities(); False where that torch lacks it)."""
+    caps = getattr(torch.cpu, "get_capabilities", None)
+    if caps is None: return False
+    c = caps()
+    return any(bool(c.get(k)) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+
+def bf16_native(device: torch.device) -> bool:
+    "Whether bf16 autocast runs natively on `device`: a CUDA GPU with bf16 units, or a CPU as `cpu_bf16_native`."
+    if device.type == "cuda": return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and cpu_bf16_native()
+
+def choose_precision(precision: str, device: torch.device) -> str:
+    """trainer.precision for a run on `device`, checked once at set-up: 'fp32'; 'bf16' where `bf16_native` (else a
+    ConfigError naming the device and what it accepts); 'auto': 'bf16' where native, 'fp32' otherwise."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r} is not valid: 'fp32', 'bf16' or 'auto'")
+    native = bf16_native(device)
+    if precision == "auto": return "bf16" if native else "fp32"
+    if precision == "bf16" and not native:
+        what = ("this CPU has neither AVX512_BF16 nor AMX-BF16 (nor Arm's BF16), so bf16 would be emulated, slower "
+                "than fp32" if device.type == "cpu" else
+                "this GPU has no bf16 units" if device.type == "cuda" else "bf16 autocast is for cuda and cpu here")
+        raise ConfigError(f"trainer.precision='bf16' is not accepted on {device}: {what}; use trainer.precision=fp32, "
+                          "or auto (bf16 where it is native, fp32 elsewhere)")
+    return precision
+
+def autocast(device: torch.device, precision: str = "fp32"):
+    """The context a forward pass runs in: bf16 autocast on `device` (cuda or cpu) when precision='bf16', nothing
+    when 'fp32'. Takes the chosen precision (`choose_precision`), not 'auto'."""
     if precision not in ("bf16", "fp32"):
-        raise ConfigError(f"trainer.precision={precision!r} is not valid: 'bf16' or 'fp32'")
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        raise ConfigError(f"trainer.precision={precision!r} is not valid here: 'bf16' or 'fp32' (resolve 'auto' with "
+                          "choose_precision first)")
+    if precision == "bf16": return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
+# %% ../nbs/21_train.ipynb #74e09f28
 def target_shares(batches) -> list[float] | None:
     """Each micro-batch's weight in the step's loss, so that the step's gradient is that of the mean over every target
     of the step on all ranks: its count of targets x world size / the count over all ranks (DDP and FSDP2 then
@@ -343,6 +376,7 @@ class TrainRun:
     env: DistEnv = field(default_factory=DistEnv)   # this process's rank, world size and device
     strategy: str = "none"             # trainer.parallel as chosen: 'none', 'ddp' or 'fsdp'
     note: str | None = None            # what smollm chose for trainer.parallel, to tell the user
+    precision: str = "fp32"            # trainer.precision as chosen for the device: 'fp32' or 'bf16'
 
 
     @property
@@ -493,12 +527,13 @@ def _check_packing(source, model):
 def set_up(cfg: DictConfig, run_dir=None, source=None) -> TrainRun:
     """Check the config, seed torch, Python and NumPy from cfg.seed, and build a `TrainRun` in `run_dir` (default:
     the current folder; rank 0's under torchrun): the data source (`source`, else `build_data(cfg.data)`), the model
-    (`initial_model`: new, or init_from's, with any LoRA adapter) on trainer.device, wrapped for trainer.parallel (joining the process group first), its optimizer and schedule,
+    (`initial_model`: new, or init_from's, with any LoRA adapter) on trainer.device, its precision (`choose_precision`), wrapped for trainer.parallel (joining the process group first), its optimizer and schedule,
     and this rank's slices of the validation batches."""
     from hydra.utils import instantiate
     validate(cfg)
     _check_trainer(cfg.trainer)
     env = read_env(_device(cfg.trainer.device))
+    precision = choose_precision(cfg.trainer.precision, env.device)   # before any memory is spent
     strategy, note = choose_strategy(cfg.trainer.get("parallel"), env)
     cfg = _with_batch_size(cfg, per_rank_batch(cfg.trainer, env.world_size)); tc = cfg.trainer
     if strategy != "none": init(env, tc.get("dist_timeout", 600))
@@ -513,12 +548,13 @@ def set_up(cfg: DictConfig, run_dir=None, source=None) -> TrainRun:
     _check_packing(source, model)
     flops = flops_per_token(model, T)
     loss_fn = wrap(model, strategy, env, tc.get("activation_checkpointing", False), tc.get("compile_blocks", False),
-                   mixed_precision=strategy == "fsdp" and env.device.type == "cuda" and tc.precision == "bf16")
+                   mixed_precision=strategy == "fsdp" and env.device.type == "cuda" and precision == "bf16")
     return TrainRun(cfg, run_dir, env.device, source, model, optimizer=instantiate(cfg.optim)(model),   # after wrap
                     schedule=instantiate(cfg.schedule), loss_fn=torch.compile(loss_fn) if tc.compile else loss_fn,
                     val=source.val_batches(tc.eval_batches, tc.batch_size, T, env.rank, env.world_size),
                     params=[p for p in model.parameters() if p.requires_grad], flops=flops,
-                    peak=peak_flops(env.device, tc.get("peak_flops")), env=env, strategy=strategy, note=note)
+                    peak=peak_flops(env.device, tc.get("peak_flops")), env=env, strategy=strategy, note=note,
+                    precision=precision)
 
 # %% ../nbs/21_train.ipynb #119405ea
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -566,9 +602,14 @@ def _params(model: nn.Module) -> dict[str, int]:
     c = param_totals(model)
     return {"params": c["total"], **({"active_params": c["active"]} if c["active"] != c["total"] else {})}
 
+def _precision_words(run: TrainRun) -> str:
+    "The precision for the opening line: 'fp32' or 'bf16 autocast', and what chose it when trainer.precision=auto."
+    words = "bf16 autocast" if run.precision == "bf16" else "fp32"
+    return words + (" (trainer.precision=auto)" if run.tc.precision == "auto" else "")
+
 def open_run(run: TrainRun):
     """On rank 0: write config.yaml, the tokenizer, metrics.csv (keeping the rows up to a resumed step) and run.json
-    (status 'running'; `params`, and `active_params` when a token uses fewer) into the run folder, and print the run's opening line (after what smollm chose, if anything)."""
+    (status 'running'; `params`, and `active_params` when a token uses fewer; `precision`, as chosen) into the run folder, and print the run's opening line (after what smollm chose, if anything)."""
     tc, src, T = run.tc, run.source, run.block
     if not run.env.is_main: return
     save_config(run.cfg, run.run_dir)
@@ -580,11 +621,12 @@ def open_run(run: TrainRun):
     counts = _params(run.model)
     update_run_json(run.run_dir, status="running", step=run.start, max_steps=tc.max_steps, **counts,
                     metric=src.metric, data=src.describe(), flops_per_token=run.flops, parallel=run.strategy,
+                    precision=run.precision,
                     world_size=run.env.world_size)
     if run.note: print(f"smollm-train: {run.note}", flush=True)
     active = f" ({counts['active_params']:,} active per token)" if "active_params" in counts else ""
     print(f"smollm-train: {run.cfg.model.name}, {counts['params']:,} parameters{active}, {src.describe()}; "
-          f"{tc.max_steps} steps of {run.global_batch} x {T} tokens on {_where(run)}; run dir {run.run_dir}"
+          f"{tc.max_steps} steps of {run.global_batch} x {T} tokens on {_where(run)} in {_precision_words(run)}; run dir {run.run_dir}"
           + (f"; resumed from {run.resumed_from.name}" if run.resumed_from is not None else ""), flush=True)
 
 # %% ../nbs/21_train.ipynb #712b103b
@@ -608,7 +650,7 @@ def train_step(run: TrainRun) -> tuple[float, float, float, float]:
     for g in run.optimizer.param_groups: g["lr"] = g["base_lr"] * run.schedule(step)
     batches = [run.source.batch("train", step * tc.grad_accum + i, tc.batch_size, T, run.cfg.seed, e.rank, e.world_size)
                for i in range(tc.grad_accum)]
-    loss, aux, mtp = accumulate(run.loss_fn, batches, run.device, tc.precision, aux=lambda: take_aux_loss(run.model),
+    loss, aux, mtp = accumulate(run.loss_fn, batches, run.device, run.precision, aux=lambda: take_aux_loss(run.model),
                                 mtp=lambda: take_mtp_loss(run.model))
     # the gradients are already averaged over ranks (DDP) or sharded (FSDP2: the norm is a DTensor, over all shards)
     grad_norm = full_value(torch.nn.utils.clip_grad_norm_(run.params, tc.grad_clip if tc.grad_clip else float("inf")))
@@ -641,7 +683,7 @@ def score(run: TrainRun) -> dict:
 
 def evaluation(run: TrainRun) -> dict:
     "The validation figures (`evaluate`) and the source's scores (`score`) of the model now."
-    return {**evaluate(run.model, run.val, run.device, run.tc.precision, run.accuracy), **score(run)}
+    return {**evaluate(run.model, run.val, run.device, run.precision, run.accuracy), **score(run)}
 
 def log_metrics(run: TrainRun, grad_norm: float, last: bool = False):
     """After a step: a metrics.csv row when the step is a multiple of log_every, an evaluation step (a multiple of
