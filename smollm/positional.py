@@ -229,6 +229,8 @@ class RoPE(Positional):
     def _freqs(self, pos: torch.Tensor, rot_dim: int) -> torch.Tensor:
         if self.scaling.dynamic:   # computed on the positions' device from their length, as HF does
             return self.inv_freq(rot_dim, int(pos.max()) + 1 if pos.numel() else None, pos.device)
+        if torch.compiler.is_compiling():   # computed in the graph (a few ops): filling the dict there would
+            return self.inv_freq(rot_dim, None, "cpu").to(pos.device)   # fail dynamo's guard and recompile
         key = (rot_dim, pos.device)
         if key not in self._inv_cache:   # computed once on the CPU (as HF does at init), then moved
             self._inv_cache[key] = self.inv_freq(rot_dim, None, "cpu").to(pos.device)
