@@ -8,9 +8,12 @@ import argparse, functools, sys
 from pathlib import Path
 from typing import Callable, Sequence
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 # %% auto #0
-__all__ = ['CAPACITY_MULTIPLE', 'sample_next', 'generate', 'TextStreamer', 'generate_cli', 'fit_history', 'chat_cli']
+__all__ = ['CAPACITY_MULTIPLE', 'sample_next', 'generate', 'row_linear', 'RowLinears', 'TextStreamer', 'generate_cli',
+           'fit_history', 'chat_cli']
 
 # %% ../nbs/30_generate.ipynb #18f1ab97
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -93,13 +96,8 @@ def _new_cache(model, input_ids: torch.Tensor, max_new_tokens: int, key_mask: to
 
 # %% ../nbs/30_generate.ipynb #48ed52c6
 def _step(model, ids, cache, key_mask):
-    "One forward over ids (B, T) with the cache: the last position's logits (B, V)."
-    return model(ids, cache=cache, key_mask=key_mask)[:, -1]
-
-@functools.cache
-def _compiled_step():
-    "`_step` through torch.compile, one for every model; a new capacity or batch size recompiles it with that size symbolic."
-    return torch.compile(_step)
+    "One forward over ids (B, T) with the cache: the last position's logits (B, V), the lm head applied to it alone."
+    return model.lm_head(model.hidden_states(ids, cache=cache, key_mask=key_mask)[:, -1])
 
 # %% ../nbs/30_generate.ipynb #16f1b4b1
 @torch.inference_mode()
@@ -157,6 +155,37 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: f
     finally:
         model.train(was_training)
     return out
+
+# %% ../nbs/30_generate.ipynb #c7bb94bc
+def row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear of a single row, x (..., in) with one row in all (batch 1, one token), by weight (out, in) ->
+    (..., out), as one reduction over the weight: products summed in fp32, the result in x's dtype."""
+    y = (weight.float() * x.reshape(1, -1).float()).sum(-1).to(x.dtype)   # (out,)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+# %% ../nbs/30_generate.ipynb #84f4f8dd
+class RowLinears(TorchFunctionMode):
+    "While active, `F.linear` of a single row (one token at batch 1) on a CPU runs as `row_linear`; other calls as they are."
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x = args[0]
+            if x.device.type == "cpu" and x.numel() == x.shape[-1]:
+                return row_linear(*args, **kwargs)
+        return func(*args, **kwargs)
+
+# %% ../nbs/30_generate.ipynb #6f28db96
+def _row_step(model, ids, cache, key_mask):
+    "`_step` with single-row linears as `row_linear`: the step that compile=True traces."
+    with RowLinears():
+        return _step(model, ids, cache, key_mask)
+
+@functools.cache
+def _compiled_step():
+    "`_row_step` through torch.compile, one for every model; a new capacity or batch size recompiles it with that size symbolic."
+    return torch.compile(_row_step)
 
 # %% ../nbs/30_generate.ipynb #620bc85f
 class TextStreamer:
