@@ -11,17 +11,28 @@ On a GPU (`quick=False`), TinyLlama in bf16: 16k tokens (8 x 2048), dim 2048, vo
   version (`linear_cross_entropy_chunked`, what `impl="torch"` runs) is timed too.
 
 With `quick=True` it runs tiny shapes on the CPU under Triton's interpreter: a correctness check and the timing of
-the Triton ops and eager only. Liger is called through its loss modules (`LigerCrossEntropyLoss`,
+the Triton ops and eager only.
+
+`--cpu` times the plain-PyTorch paths of `linear_cross_entropy` (what `impl="torch"` and `"auto"` run on a CPU)
+against the unfused `F.cross_entropy(F.linear(h, w), y)` that transformers runs, forward + backward, in fp32 and
+under bf16 autocast, at the nano shape (2048 tokens, dim 256, vocabulary 8192) and a realistic CPU one (1024
+tokens, dim 768, vocabulary 32000): the implementations alternate round by round and the table gives medians
+(`--rounds`, default 7) and each one's speed relative to the unfused op. `--cpu --quick` runs one tiny shape. Liger is called through its loss modules (`LigerCrossEntropyLoss`,
 `LigerFusedLinearCrossEntropyLoss`, which wrap `LigerCrossEntropyFunction` and
 `LigerFusedLinearCrossEntropyFunction`) because their keyword arguments are stable across versions.
 """
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
+import torch.nn.functional as F
 
 from common import Row, bench, peak_memory_mb
 from smollm.kernels.core import load_triton
-from smollm.kernels.cross_entropy import cross_entropy_ref, linear_cross_entropy_chunked, linear_cross_entropy_ref
+from smollm.kernels.cross_entropy import (cross_entropy_ref, linear_cross_entropy, linear_cross_entropy_chunked,
+                                          linear_cross_entropy_ref)
 
 
 def close(a, b, tol):
@@ -162,8 +173,58 @@ def cases(quick: bool, device: str) -> list:
     return out
 
 
+CPU_SHAPES = {"nano": (2048, 256, 8192), "realistic": (1024, 768, 32000)}   # tokens, dim, vocabulary
+
+
+def cpu_impls(n: int):
+    "name -> fn(hidden, weight, targets) -> mean loss: the unfused peer first, then smollm's CPU paths."
+    return {"unfused": lambda h, w, y: F.cross_entropy(F.linear(h, w), y),
+            "smollm-torch": lambda h, w, y: linear_cross_entropy(h, w, y, impl="torch"),
+            "smollm-torch-4-chunks": lambda h, w, y: linear_cross_entropy_chunked(h, w, y, chunk_size=-(-n // 4))}
+
+
+def run_cpu(quick: bool, rounds: int = 7) -> list[Row]:
+    "fwd+bwd of each CPU implementation, alternating, in fp32 and bf16 autocast; medians over `rounds`."
+    shapes = {"tiny": (64, 32, 500)} if quick else CPU_SHAPES
+    rows = []
+    for shape, (N, dim, V) in shapes.items():
+        torch.manual_seed(0)
+        h = torch.randn(N, dim, requires_grad=True)
+        w = (torch.randn(V, dim) / dim ** 0.5).requires_grad_()
+        y = targets(N, V, "cpu")
+        for precision in ("fp32", "bf16-autocast"):
+            autocast = precision != "fp32"
+            def step(fn):
+                with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                    loss = fn(h, w, y)
+                return loss, torch.autograd.grad(loss, (h, w))
+            impls = cpu_impls(N)
+            ref, ref_grads = step(impls["unfused"])
+            for fn in impls.values():  # same loss and gradients as the unfused op, in this precision
+                loss, grads = step(fn)
+                for a, b in zip((loss, *grads), (ref, *ref_grads)):
+                    close(a, b, 3e-2 if autocast else 1e-4)
+            times = {name: [] for name in impls}
+            for _ in range(rounds):
+                for name, fn in impls.items():
+                    t0 = time.perf_counter()
+                    step(fn)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+            ms = {name: statistics.median(t) for name, t in times.items()}
+            for name in impls:
+                gflops = 3 * 2 * N * V * dim / ms[name] / 1e6   # the three matmuls
+                rows.append(Row(f"linear_cross_entropy {shape} ({N}, {dim}) x ({V}, {dim}) {precision}", "fwd+bwd",
+                                name, ms[name], note=f"{ms['unfused'] / ms[name]:.2f}x unfused, {gflops:.0f} GFLOP/s"))
+    return rows
+
+
 if __name__ == "__main__":
     import sys
     from common import print_table
     quick = "--quick" in sys.argv or not torch.cuda.is_available()
-    print_table(run(quick, "cuda" if torch.cuda.is_available() else "cpu"))
+    if "--cpu" in sys.argv:
+        rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else (1 if quick else 7)
+        print(f"{torch.get_num_threads()} threads; load average {open('/proc/loadavg').read().split()[0]}")
+        print_table(run_cpu("--quick" in sys.argv, rounds))
+    else:
+        print_table(run(quick, "cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,5 +1,10 @@
 """Cross-entropy and linear cross-entropy: the Triton kernels (under the interpreter without a GPU) and the
 chunked PyTorch version against the unfused plain-PyTorch references, forward and backward."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -336,3 +341,14 @@ def test_transformer_loss_has_no_graph_break():
     x, y = torch.randint(0, 100, (1, 16)), torch.randint(0, 100, (1, 16))
     explanation = torch._dynamo.explain(model.loss)(x, y)
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+
+
+def test_cpu_benchmark_quick_mode_runs():
+    "benchmarks/kernels_cross_entropy.py --cpu --quick: every CPU implementation checked and timed once, tiny."
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    out = subprocess.run([sys.executable, "kernels_cross_entropy.py", "--cpu", "--quick"], capture_output=True,
+                         text=True, timeout=300, cwd=bench_dir, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| linear_cross_entropy")]
+    assert {r.split("|")[3].strip() for r in rows} == {"unfused", "smollm-torch", "smollm-torch-4-chunks"}
+    assert len(rows) == 6 and all("x unfused" in r for r in rows)
