@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 # %% auto #0
-__all__ = ['CAPACITY_MULTIPLE', 'sample_next', 'generate', 'row_linear', 'RowLinears', 'TextStreamer', 'generate_cli',
-           'fit_history', 'chat_cli']
+__all__ = ['CAPACITY_MULTIPLE', 'sample_next', 'generate', 'row_linear', 'RowLinears', 'row_attention', 'RowAttention',
+           'TextStreamer', 'generate_cli', 'fit_history', 'chat_cli']
 
 # %% ../nbs/30_generate.ipynb #18f1ab97
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -176,10 +176,36 @@ class RowLinears(TorchFunctionMode):
                 return row_linear(*args, **kwargs)
         return func(*args, **kwargs)
 
+# %% ../nbs/30_generate.ipynb #6da15c67
+def row_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """scaled_dot_product_attention of one query per head, q (B, H, 1, D), over keys k (B, Hkv, S, D) and values
+    v (B, Hkv, S, Dv), Hkv dividing H (query head h reads key/value head h // (H / Hkv)); attn_mask: bool (True:
+    visible) or additive, broadcastable to (B, H, 1, S). Scores and softmax in fp32; -> (B, H, 1, Dv) in q's dtype."""
+    (B, H, T, D), (Hkv, S, Dv) = q.shape, (k.shape[1], k.shape[2], v.shape[-1])
+    g = H // Hkv
+    s = q.float().reshape(B, Hkv, g, D) @ k.float().transpose(-1, -2) * (D ** -0.5 if scale is None else scale)
+    if attn_mask is not None:                                                   # s: (B, Hkv, g, S)
+        m = attn_mask.expand(B, H, T, S).reshape(B, Hkv, g, S)
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+    return (s.softmax(-1) @ v.float()).reshape(B, H, T, Dv).to(q.dtype)
+
+# %% ../nbs/30_generate.ipynb #70023e11
+class RowAttention(TorchFunctionMode):
+    """While active, `F.scaled_dot_product_attention` of one query per head on a CPU (no dropout, not is_causal)
+    runs as `row_attention`; other calls as they are."""
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q = args[0]
+            if (q.device.type == "cpu" and q.dim() == 4 and q.shape[2] == 1 and not kwargs.get("is_causal")
+                    and not kwargs.get("dropout_p") and len(args) == 3):
+                return row_attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
 # %% ../nbs/30_generate.ipynb #6f28db96
 def _row_step(model, ids, cache, key_mask):
-    "`_step` with single-row linears as `row_linear`: the step that compile=True traces."
-    with RowLinears():
+    "`_step` with single-row linears and one-query attention as `row_linear` and `row_attention`: what compile=True traces."
+    with RowLinears(), RowAttention():
         return _step(model, ids, cache, key_mask)
 
 @functools.cache
