@@ -196,7 +196,7 @@ def _linear_ce_chunks(ce_rows, hidden, weight, targets, ignore_index, z_loss, so
     loss = torch.empty(N, dtype=torch.float32, device=hidden.device)
     need_grad = grad_weight_rows is not None and (need_gh or need_gw)
     gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_grad and need_gh else None
-    gw = torch.zeros(weight.shape, dtype=gw_dtype, device=weight.device) if need_grad and need_gw else None
+    gw = None  # the first chunk's product, then accumulated: no zero-filled V x dim buffer
     per_row = grad_weight_rows is not None and grad_weight_rows.dim() == 1
     buf = torch.empty(min(chunk_size, N), weight.shape[0], dtype=hidden.dtype, device=hidden.device)
     for s in range(0, N, chunk_size):
@@ -207,11 +207,15 @@ def _linear_ce_chunks(ce_rows, hidden, weight, targets, ignore_index, z_loss, so
         loss[s:e], dlogits = ce_rows(logits, targets[s:e], ignore_index, z_loss, softcap, w)
         if gh is not None:
             torch.mm(dlogits, weight, out=gh[s:e])
-        if gw is not None:
-            if gw.dtype == dlogits.dtype:
+        if need_grad and need_gw:
+            if gw is None:
+                gw = (dlogits.t() @ h).to(gw_dtype)
+            elif gw.dtype == dlogits.dtype:
                 gw.addmm_(dlogits.t(), h)
             else:  # fp32 master weight under autocast: accumulate the bf16 product in fp32
                 gw.add_(dlogits.t() @ h)
+    if need_grad and need_gw and gw is None:  # no rows
+        gw = torch.zeros(weight.shape, dtype=gw_dtype, device=weight.device)
     return loss, gh, gw
 
 # %% ../../nbs/14_kernels_cross_entropy.ipynb #b6729b2e
