@@ -66,6 +66,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'smollm.attention.document_mask': ('attention.html#document_mask', 'smollm/attention.py'),
                                   'smollm.attention.kernel_table': ('attention.html#kernel_table', 'smollm/attention.py'),
                                   'smollm.attention.padding_bias': ('attention.html#padding_bias', 'smollm/attention.py'),
+                                  'smollm.attention.project_qkv': ('attention.html#project_qkv', 'smollm/attention.py'),
                                   'smollm.attention.refuse': ('attention.html#refuse', 'smollm/attention.py'),
                                   'smollm.attention.supporting': ('attention.html#supporting', 'smollm/attention.py'),
                                   'smollm.attention.visible': ('attention.html#visible', 'smollm/attention.py'),

@@ -14,10 +14,10 @@ from .kernels import attention, attention_ref
 from .norms import RMSNorm
 
 # %% auto #0
-__all__ = ['CAPABILITIES', 'BACKENDS', 'QK_NORM_SCOPES', 'GrowingCache', 'StaticCache', 'visible', 'visible_keys', 'padding_bias',
-           'document_mask', 'Backend', 'supporting', 'cannot', 'refuse', 'bias_need', 'bias_and_visible', 'SDPA',
-           'Eager', 'Fused', 'attend', 'capability_table', 'kernel_table', 'SelfAttention', 'Attention', 'MLA',
-           'diff_lambda_init', 'DiffAttention', 'FirstValues']
+__all__ = ['CAPABILITIES', 'BACKENDS', 'QK_NORM_SCOPES', 'FUSE_QKV_ROWS', 'GrowingCache', 'StaticCache', 'visible',
+           'visible_keys', 'padding_bias', 'document_mask', 'Backend', 'supporting', 'cannot', 'refuse', 'bias_need',
+           'bias_and_visible', 'SDPA', 'Eager', 'Fused', 'attend', 'capability_table', 'kernel_table', 'SelfAttention',
+           'Attention', 'project_qkv', 'MLA', 'diff_lambda_init', 'DiffAttention', 'FirstValues']
 
 # %% ../nbs/03_attention.ipynb #a174104b
 class GrowingCache:
@@ -460,7 +460,7 @@ class Attention(SelfAttention):
         self.check_doc(doc, cache)
         B, T, _ = x.shape
         heads = lambda t: t.view(B, T, -1, self.head_dim).transpose(1, 2)            # (B, T, h*hd) -> (B, h, T, hd)
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project_qkv(x, self.q_proj, self.k_proj, self.v_proj)              # one product (see below)
         if self.q_norm is not None and self.qk_norm_scope == "all":   # each token's whole q and k: before the split
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = heads(q), heads(k), heads(v)
@@ -478,6 +478,22 @@ class Attention(SelfAttention):
         if self.gate_proj is not None:
             y = y * torch.sigmoid(self.gate_proj(x))
         return self.o_proj(y)
+
+# %% ../nbs/03_attention.ipynb #5f16eda8
+FUSE_QKV_ROWS = 256   # fewest rows (tokens in the call) for which the three projections run as one product
+
+def project_qkv(x: torch.Tensor, q_proj: nn.Module, k_proj: nn.Module, v_proj: nn.Module):
+    """x (..., dim) -> (q_proj(x), k_proj(x), v_proj(x)). When the three are plain nn.Linear (exactly that type)
+    that agree on having a bias and x has at least FUSE_QKV_ROWS rows, as one F.linear over their concatenated
+    weights (and biases), split into three views of its output; otherwise the three calls. Same values and
+    gradients either way."""
+    ps = (q_proj, k_proj, v_proj)
+    if (x.numel() >= FUSE_QKV_ROWS * x.shape[-1] and all(type(p) is nn.Linear for p in ps)
+            and (q_proj.bias is None) == (k_proj.bias is None) == (v_proj.bias is None)):
+        bias = None if q_proj.bias is None else torch.cat([p.bias for p in ps])
+        y = F.linear(x, torch.cat([p.weight for p in ps]), bias)
+        return y.split([p.out_features for p in ps], -1)
+    return q_proj(x), k_proj(x), v_proj(x)
 
 # %% ../nbs/03_attention.ipynb #3e0948dd
 class MLA(SelfAttention):
@@ -581,8 +597,9 @@ class DiffAttention(SelfAttention):
         self.check_doc(doc, cache)
         (B, T, _), H, hd = x.shape, self.n_heads // 2, self.head_dim
         maps = lambda t: t.view(B, T, 2, -1, hd).flatten(2, 3).transpose(1, 2)    # (B, 2h, T, hd): map 1s, map 2s
-        q, k = maps(self.q_proj(x)), maps(self.k_proj(x))
-        v = self.mix_values(self.v_proj(x).view(B, T, -1, 2 * hd).transpose(1, 2), values)   # (B, Hkv/2, T, 2hd)
+        q, k, v = project_qkv(x, self.q_proj, self.k_proj, self.v_proj)         # one product, as in Attention
+        q, k = maps(q), maps(k)
+        v = self.mix_values(v.view(B, T, -1, 2 * hd).transpose(1, 2), values)   # (B, Hkv/2, T, 2hd)
         q, k = positional.rotate(q, k, pos)
         key_pos = None
         if cache is not None:

@@ -5,6 +5,7 @@ are whatever conf/model/positional holds, so new files of either group are picke
 smollm.attention.BACKENDS, and what each supports is read from its class, so a new backend or a new capability
 is picked up too. References are written out here with plain tensor ops (no smollm.kernels, no sdpa).
 """
+import copy
 import functools
 import math
 import re
@@ -615,3 +616,27 @@ def test_differential_lambda_init_follows_the_layer():
     hybrid = build_model(compose(TINY + ("model/attention=differential", "model.n_layers=4",
                                          "model.layer_pattern=CG")).model)
     assert [blk.attn.layer_index for blk in hybrid.layers[1::2]] == [1, 3]   # the index among all layers
+
+
+def test_lora_wrapped_projections_run_as_modules_and_fused_ones_match():
+    "With many rows the plain q/k/v run as one product; a LoRA-wrapped one is called as a module, adapter included."
+    pytest.importorskip("peft")
+    from smollm.attention import FUSE_QKV_ROWS
+    from smollm.lora import for_training
+    torch.manual_seed(0)
+    base = build_model(compose(TINY).model)
+    x = torch.randint(0, 64, (2, FUSE_QKV_ROWS // 2 + 1))
+    calls = []
+    projections = lambda m: [p for blk in m.layers for p in (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj)]
+    hooks = [p.register_forward_hook(lambda p, i, o: calls.append(p)) for p in projections(base)]
+    y = base(x)
+    assert calls == []                                     # fused: none of the plain modules ran
+    [h.remove() for h in hooks]
+    lora = for_training(copy.deepcopy(base), {"rank": 4, "alpha": 8, "targets": None, "dropout": 0.0})
+    hooks = [p.register_forward_hook(lambda p, i, o: calls.append(p)) for p in projections(lora)]
+    torch.testing.assert_close(lora(x), y, atol=1e-5, rtol=1e-5)   # B = 0 at init: the base model's output
+    assert calls == projections(lora)
+    with torch.no_grad():
+        lora.layers[0].attn.k_proj.lora_B["default"].weight.normal_()   # an adapter on k alone moves the output
+    assert (lora(x) - y).abs().max() > 1e-3
+    [h.remove() for h in hooks]
