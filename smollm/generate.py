@@ -97,9 +97,10 @@ def _new_cache(model, input_ids: torch.Tensor, max_new_tokens: int, key_mask: to
 # %% ../nbs/30_generate.ipynb #48ed52c6
 def _step(model, ids, cache, key_mask):
     """One forward over ids (B, T) with the cache: the last position's logits (B, V). A model with `hidden_states` and
-    `lm_head` (a smollm Transformer) gets the lm head on the last position alone; any other (a stand-in with only a
-    `forward`, as 25_orca's scripted teacher) is called whole."""
-    if hasattr(model, "hidden_states") and hasattr(model, "lm_head"):
+    `lm_head` (a smollm Transformer) gets the lm head on the last position alone. Any other is called whole: a
+    stand-in with only a `forward` (as 25_orca's scripted teacher), and a model sharded by FSDP2 (it has `unshard`),
+    whose parameters only its registered forward methods gather."""
+    if hasattr(model, "hidden_states") and hasattr(model, "lm_head") and not hasattr(model, "unshard"):
         return model.lm_head(model.hidden_states(ids, cache=cache, key_mask=key_mask)[:, -1])
     return model(ids, cache=cache, key_mask=key_mask)[:, -1]
 

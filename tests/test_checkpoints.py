@@ -161,7 +161,8 @@ def test_the_single_process_format_of_before_still_loads(tmp_path):
     state = load_checkpoint(latest_checkpoint(run / "checkpoints"), fresh, fresh_opt)
     assert (state["step"], state["tokens"], sorted(state["rng"])) == (2, 5, ["cuda", "numpy", "python", "torch"])
     assert abs(train_step(fresh, fresh_opt, 2) - train_step(model, opt, 2)) < TOL
-    torch.testing.assert_close(load_run(run)[0](x), logits, atol=0, rtol=0)   # the readers too
+    with torch.no_grad():   # as `logits` was: with grad on, RMSNorm trains through its own Function (other rounding)
+        torch.testing.assert_close(load_run(run)[0](x), logits, atol=0, rtol=0)   # the readers too
 
 
 def test_the_format_of_before_with_tied_embeddings_and_muon(tmp_path):
