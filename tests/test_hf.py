@@ -30,6 +30,15 @@ def hf_checkpoint(path, cls, config_cls, **kw):
     return model
 
 
+def assert_each_matters(path, hf, undos):
+    "Each `undo` (a change to a fresh from_hf(path) model) breaks the logits' agreement with hf: the feature it undoes matters."
+    for undo in undos:
+        ours = from_hf(path)
+        undo(ours)
+        with pytest.raises(AssertionError):
+            assert_same_logits(ours, hf)
+
+
 def assert_same_logits(ours, hf, T=40, atol=1e-5):
     ids = torch.randint(0, V, (2, T))
     with torch.no_grad():
@@ -583,12 +592,8 @@ def test_qwen3_next_moe_parity(qwen3_next_moe):
     assert type(back.model.layers[0].mlp).__name__ == "Qwen3NextSparseMoeBlock"
     assert_same_logits(ours, back)
     assert_same_logits(from_hf(tmp / "back"), hf)
-    for undo in (lambda m: [setattr(b.mlp, "shared_gate", None) for b in m.layers],   # the gate matters,
-                 lambda m: [setattr(b.mlp, "shared", None) for b in m.layers]):       # the shared expert too
-        ours = from_hf(tmp / "hf")
-        undo(ours)
-        with pytest.raises(AssertionError):
-            assert_same_logits(ours, hf)
+    assert_each_matters(tmp / "hf", hf, (lambda m: [setattr(b.mlp, "shared_gate", None) for b in m.layers],  # the gate,
+                                         lambda m: [setattr(b.mlp, "shared", None) for b in m.layers]))      # the shared expert
 
 
 def test_qwen3_next_moe_decoding(qwen3_next_moe):
@@ -623,13 +628,9 @@ def test_qwen3_next_parity(qwen3_next):
     assert type(back).__name__ == "Qwen3NextForCausalLM"
     assert_same_logits(ours, back)
     assert_same_logits(from_hf(tmp / "back"), hf)
-    for undo in (lambda m: setattr(m.layers[3].attn, "gate_proj", None),           # the output gate matters,
-                 lambda m: setattr(m.positional, "fraction", 1.0),                  # the partial rotary,
-                 lambda m: setattr(m.layers[0].attn_norm, "unit_offset", False)):   # the (1 + w) weights
-        ours = from_hf(tmp / "hf")
-        undo(ours)
-        with pytest.raises(AssertionError):
-            assert_same_logits(ours, hf)
+    assert_each_matters(tmp / "hf", hf, (lambda m: setattr(m.layers[3].attn, "gate_proj", None),          # the output gate,
+                                         lambda m: setattr(m.positional, "fraction", 1.0),                 # the partial rotary,
+                                         lambda m: setattr(m.layers[0].attn_norm, "unit_offset", False)))  # the (1 + w) weights
 
 
 def test_qwen3_next_refused(qwen3_next):
