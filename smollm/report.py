@@ -4,14 +4,15 @@
 
 # %% ../nbs/22_report.ipynb #528d980a
 from __future__ import annotations
-import argparse, math, statistics, sys
+import argparse, math, re, statistics, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from .runs import METRIC_COLUMNS, read_metrics, read_run_json
 
 # %% auto #0
-__all__ = ['IGNORED_OVERRIDES', 'STANDARD_METRICS', 'betainc', 't_two_sided_p', 'welch', 'Run', 'find_runs', 'headline_metric',
-           'higher_is_better', 'score_columns', 'summarize', 'plot_runs', 'report', 'main']
+__all__ = ['IGNORED_OVERRIDES', 'STANDARD_METRICS', 'LENGTH_COLUMN', 'betainc', 't_two_sided_p', 'welch', 'Run', 'find_runs',
+           'headline_metric', 'higher_is_better', 'score_columns', 'summarize', 'length_columns', 'summarize_lengths',
+           'plot_runs', 'plot_lengths', 'report', 'main']
 
 # %% ../nbs/22_report.ipynb #1e8ad325
 def _beta_cf(x: float, a: float, b: float, tol: float = 1e-14, max_iter: int = 500) -> float:
@@ -138,6 +139,7 @@ def _compare(row: dict, base: dict) -> dict:
 
 # %% ../nbs/22_report.ipynb #aba41e47
 STANDARD_METRICS = {"loss": "val_loss", "accuracy": "val_acc"}   # a source's `metric` -> the column that holds it
+LENGTH_COLUMN = re.compile(r"^(val_loss|val_acc)@(\d+)$")        # trainer.eval_lengths: the figure at L tokens
 
 def headline_metric(runs: list[Run]) -> str:
     """The column a sweep is judged by: the score column that run.json's `metric` names (e.g. 'exact_match', from a
@@ -148,18 +150,19 @@ def headline_metric(runs: list[Run]) -> str:
     return "val_acc" if "accuracy" in named else "val_loss"
 
 def higher_is_better(metric: str) -> bool:
-    "Whether a larger value of column `metric` is better: every column but losses and perplexities."
+    "Whether a larger value of column `metric` (or of `metric@L`, at a length) is better: every column but losses and perplexities."
+    metric = metric.split("@")[0]
     return not (metric.endswith("loss") or metric.endswith("ppl"))
 
 def score_columns(runs: list[Run], metric: str) -> list[str]:
     """The extra score columns of a sweep's metrics.csv files (those a source's `score` adds, e.g.
-    'exact_match_heldout'), in the order they first appear; the headline `metric` and the trainer's own columns
-    are left out."""
+    'exact_match_heldout'), in the order they first appear; the headline `metric`, the trainer's own columns and
+    the columns at other context lengths (`LENGTH_COLUMN`: val_loss@L, val_acc@L; see `summarize_lengths`) are left out."""
     known = set(METRIC_COLUMNS) | {"val_acc", metric}
     out = []
     for r in runs:
         for c in list(r.info.get("score_columns") or []) + [k for row in r.rows[-1:] for k in row]:
-            if c not in known and c not in out: out.append(c)
+            if c not in known and c not in out and not LENGTH_COLUMN.match(c): out.append(c)
     return out
 
 # %% ../nbs/22_report.ipynb #b3374ffd
@@ -202,6 +205,35 @@ def summarize(runs: list[Run], baseline: str | None = None) -> tuple[list[dict],
         for c, s in row["scores"].items(): s.update(_compare(s, base["scores"][c]))
     return rows, metric, base["label"]
 
+# %% ../nbs/22_report.ipynb #3db9d21c
+def length_columns(runs: list[Run], metric: str = "val_loss") -> list[str]:
+    """The `{metric}@L` columns (trainer.eval_lengths; metric 'val_loss' or 'val_acc') that a sweep's runs logged,
+    in run.json or their last metrics.csv row, by increasing L."""
+    found = {c for r in runs for c in list(r.info) + [k for row in r.rows[-1:] for k in row]
+             if (m := LENGTH_COLUMN.match(c)) and m.group(1) == metric}
+    return sorted(found, key=lambda c: int(c.split("@")[1]))
+
+def summarize_lengths(runs: list[Run], rows: list[dict], base: str, metric: str = "val_loss") -> tuple[list[str], dict]:
+    """(the `length_columns`, {configuration key: {column: stats}}): for each configuration of `summarize`'s `rows`,
+    over its finished runs, the mean, std, and Welch's delta, t and p against the baseline `base` (a label) at each
+    length, and under 'growth' the same statistics of each run's value at the longest length minus the shortest."""
+    cols = length_columns(runs, metric)
+    if not cols or not rows: return cols, {}
+    done: dict[tuple, list[Run]] = {}
+    for r in runs:
+        if r.info.get("status") == "done": done.setdefault(r.key, []).append(r)
+    out = {}
+    for row in rows:
+        rs = done.get(row["key"], [])
+        s = {c: _stats([float(r.final(c)) for r in rs if r.final(c) is not None]) for c in cols}
+        s["growth"] = _stats([float(r.final(cols[-1])) - float(r.final(cols[0])) for r in rs
+                              if r.final(cols[-1]) is not None and r.final(cols[0]) is not None])
+        out[row["key"]] = s
+    b = out[next(row["key"] for row in rows if row["label"] == base)]
+    for s in out.values():
+        for c, st in s.items(): st.update(_compare(st, b[c]))
+    return cols, out
+
 # %% ../nbs/22_report.ipynb #a1387966
 def _metric_title(metric: str) -> str:
     "How the report names its headline column."
@@ -239,6 +271,43 @@ def plot_runs(runs: list[Run], rows: list[dict], metric: str, path) -> Path:
     fig.tight_layout(); fig.savefig(path, dpi=100)
     return Path(path)
 
+# %% ../nbs/22_report.ipynb #0b4afd95
+def _length_table(rows: list[dict], cols: list[str], stats: dict, base: str) -> list[str]:
+    "The markdown section of `summarize_lengths`: one line per configuration, mean ± std (p) at each length, then the growth."
+    if not stats: return []
+    at = [c.split("@")[1] for c in cols]
+    name = {"val_loss": "validation loss", "val_acc": "validation accuracy"}[cols[0].split("@")[0]]
+    lines = ["", f"## {name.capitalize()} by context length", "",
+             f"Final {name} at each evaluation length (trainer.eval_lengths): mean ± std over seeds, and Welch's p "
+             f"against the baseline **{base}** at the same length; the last column is each run's value at {at[-1]} "
+             f"tokens minus its value at {at[0]}, mean ± std over seeds (p: against the baseline's).", "",
+             "| configuration | n | " + " | ".join(f"@{L}" for L in at) + f" | @{at[-1]} − @{at[0]} |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
+    for row in rows:
+        s = stats[row["key"]]
+        cell = lambda st: f"{_fmt(st['mean'], 3)} ± {_fmt(st['std'], 3)}" + ("" if row["label"] == base else f" (p {_fmt_p(st['p'])})")
+        lines.append(f"| {row['label']}{' (baseline)' if row['label'] == base else ''} | {s['growth']['n']} | "
+                     + " | ".join(cell(s[c]) for c in cols) + f" | {cell(s['growth'])} |")
+    return lines
+
+def plot_lengths(rows: list[dict], cols: list[str], stats: dict, path) -> Path:
+    "lengths.png: each configuration's final value against the evaluation length (log scale): mean, ± one std, and every seed."
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 4)); ax = fig.subplots()
+    at = [int(c.split("@")[1]) for c in cols]
+    for i, row in enumerate(rows):
+        s = stats[row["key"]]
+        if not s[cols[0]]["n"]: continue
+        mean = [s[c]["mean"] for c in cols]; std = [s[c]["std"] or 0.0 for c in cols]
+        ax.errorbar(at, mean, yerr=std, marker="o", ms=4, capsize=3, color=f"C{i % 10}", label=row["label"])
+        for c, L in zip(cols, at):
+            ax.plot([L] * len(s[c]["values"]), s[c]["values"], ".", color=f"C{i % 10}", alpha=0.4)
+    ax.set_xscale("log", base=2); ax.set_xticks(at, [str(L) for L in at])
+    ax.set(xlabel="evaluation length (tokens)", ylabel=cols[0].split("@")[0].replace("_", " "),
+           title="by evaluation length (bars: ± std over seeds)")
+    ax.legend(fontsize=7); fig.tight_layout(); fig.savefig(path, dpi=100)
+    return Path(path)
+
 # %% ../nbs/22_report.ipynb #88b9cfc4
 def _table(rows: list[dict], metric: str, base: str) -> list[str]:
     "The markdown table: one line per configuration, the headline metric, then each extra score column."
@@ -272,7 +341,8 @@ def _unfinished(runs: list[Run], rows: list[dict], path: Path) -> list[str]:
     return lines
 
 def report(path, baseline: str | None = None) -> tuple[str, Path]:
-    """Write report.md and report.png for the sweep folder `path`; return (the markdown, the figure's path).
+    """Write report.md and report.png (and lengths.png, when the runs logged trainer.eval_lengths) for the sweep folder
+    `path`; return (the markdown, report.png's path).
     baseline: the configuration to compare with (its label, or overrides it contains); default the first."""
     path = Path(path)
     runs = find_runs(path)
@@ -288,9 +358,11 @@ def report(path, baseline: str | None = None) -> tuple[str, Path]:
              f"Mean and sample standard deviation over seeds of the final {_metric_title(metric)} ({better} is "
              f"better); Δ is the difference of means from the baseline **{base}**, p the two-sided p-value of "
              f"Welch's t-test (n/a with fewer than 2 finished runs on either side).{extra}", ""]
-    lines += _table(rows, metric, base) + _unfinished(runs, rows, path)
+    cols, by_length = summarize_lengths(runs, rows, base, "val_acc" if metric == "val_acc" else "val_loss")
+    lines += _table(rows, metric, base) + _length_table(rows, cols, by_length, base) + _unfinished(runs, rows, path)
     fig = plot_runs(runs, rows, metric, path / "report.png")
     lines += ["", f"![every run]({fig.name})", ""]
+    if by_length: lines += [f"![by length]({plot_lengths(rows, cols, by_length, path / 'lengths.png').name})", ""]
     md = "\n".join(lines)
     (path / "report.md").write_text(md)
     return md, fig

@@ -28,7 +28,8 @@ from .runs import (METRIC_COLUMNS, MetricsLog, latest_checkpoint, load_checkpoin
 __all__ = ['PEAK_FLOPS', 'PRECISIONS', 'LAUNCHER_PLUGINS', 'decay_groups', 'adamw', 'Optimizers', 'muon', 'Cosine', 'WSD',
            'Constant', 'param_totals', 'flops_per_token', 'peak_flops', 'cpu_bf16_native', 'bf16_native',
            'choose_precision', 'autocast', 'target_shares', 'accumulate', 'take_mtp_loss', 'mtp_columns', 'evaluate',
-           'plot_metrics', 'TrainRun', 'per_rank_batch', 'init_model_config', 'with_init_from', 'training_block',
+           'plot_metrics', 'TrainRun', 'per_rank_batch', 'eval_lengths', 'length_columns', 'check_eval_lengths',
+           'length_val_batches', 'length_evaluation', 'init_model_config', 'with_init_from', 'training_block',
            'initial_model', 'set_up', 'resume', 'open_run', 'TrainingError', 'train_step', 'score', 'evaluation',
            'log_metrics', 'checkpoint', 'vs_unigram', 'final_line', 'finish', 'write_samples', 'train',
            'check_launcher', 'main']
@@ -377,6 +378,7 @@ class TrainRun:
     strategy: str = "none"             # trainer.parallel as chosen: 'none', 'ddp' or 'fsdp'
     note: str | None = None            # what smollm chose for trainer.parallel, to tell the user
     precision: str = "fp32"            # trainer.precision as chosen for the device: 'fp32' or 'bf16'
+    long_val: dict = field(default_factory=dict)   # {L: validation batches of L tokens} for trainer.eval_lengths
 
 
     @property
@@ -429,6 +431,7 @@ def _check_trainer(tc):
                           "name of a torch.compile backend (e.g. aot_eager)")
     if not isinstance(tc.get("dist_timeout", 600), (int, float)) or tc.get("dist_timeout", 600) <= 0:
         raise ConfigError(f"trainer.dist_timeout={tc.dist_timeout!r} is not valid: a positive number of seconds")
+    eval_lengths(tc)
 
 # %% ../nbs/21_train.ipynb #0560b474
 def per_rank_batch(tc, world_size: int) -> int:
@@ -448,6 +451,54 @@ def _with_batch_size(cfg: DictConfig, batch_size: int) -> DictConfig:
     cfg = copy.deepcopy(cfg)
     cfg.trainer.batch_size = batch_size
     return cfg
+
+# %% ../nbs/21_train.ipynb #1ef346e7
+def eval_lengths(tc) -> list[int]:
+    """trainer.eval_lengths as a list of distinct positive integers (context lengths in tokens, in the order given);
+    [] when absent or empty. ConfigError for anything else."""
+    v = tc.get("eval_lengths") or []
+    v = OmegaConf.to_container(v) if OmegaConf.is_list(v) else v
+    ok = isinstance(v, (list, tuple)) and len(set(v)) == len(v) and all(
+        isinstance(L, int) and not isinstance(L, bool) and L >= 1 for L in v)
+    if not ok:
+        raise ConfigError(f"trainer.eval_lengths={v!r} is not valid: a list of distinct positive integers, the context "
+                          "lengths in tokens at which to measure the validation loss (e.g. [256, 512, 1024]), or [] for none")
+    return list(v)
+
+def length_columns(lengths: list[int], accuracy: bool = False) -> list[str]:
+    "The metrics.csv columns of `lengths`: val_loss@L for each, then val_acc@L for each when the source is scored by accuracy."
+    return [f"val_loss@{L}" for L in lengths] + ([f"val_acc@{L}" for L in lengths] if accuracy else [])
+
+def check_eval_lengths(lengths: list[int], model: nn.Module):
+    """Refuse (ConfigError) a length past the model's positional table: `model.positional.max_positions` (None: any
+    position works, as for RoPE, ALiBi, NoPE, T5's bias and the sinusoidal encoding)."""
+    pe = model.positional
+    limit = getattr(pe, "max_positions", None)
+    over = [L for L in lengths if limit is not None and L > limit]
+    if over:
+        raise ConfigError(f"trainer.eval_lengths={lengths}: {over[0]} tokens is past the table of the model's positional "
+                          f"encoding ({type(pe).__name__}: rows for {limit} positions, model.block_size); it has no "
+                          f"embedding for later positions. Accepted: lengths up to {limit}, or an encoding without a "
+                          "table (model/positional=rope, alibi, nope, t5 or sinusoidal)")
+
+def length_val_batches(source, lengths: list[int], n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> dict:
+    "{L: the fixed validation batches of windows of L tokens} (`source.val_batches`; `rank`'s slices), for each of `lengths`."
+    from smollm.data import DataError
+    out = {}
+    for L in lengths:
+        try: out[L] = source.val_batches(n, batch_size, L, rank, world_size)
+        except DataError as e:
+            raise ConfigError(f"trainer.eval_lengths: the data cannot give validation windows of {L} tokens: {e}") from None
+    return out
+
+def length_evaluation(run) -> dict:
+    "{val_loss@L (and val_acc@L): ...} of the model now on `run.long_val`'s batches of each length (`evaluate`)."
+    out = {}
+    for L, batches in run.long_val.items():
+        r = evaluate(run.model, batches, run.device, run.precision, run.accuracy)
+        out[f"val_loss@{L}"] = r["val_loss"]
+        if run.accuracy: out[f"val_acc@{L}"] = r["val_acc"]
+    return out
 
 # %% ../nbs/21_train.ipynb #eb378e55
 def init_model_config(path) -> DictConfig:
@@ -528,7 +579,8 @@ def set_up(cfg: DictConfig, run_dir=None, source=None) -> TrainRun:
     """Check the config, seed torch, Python and NumPy from cfg.seed, and build a `TrainRun` in `run_dir` (default:
     the current folder; rank 0's under torchrun): the data source (`source`, else `build_data(cfg.data)`), the model
     (`initial_model`: new, or init_from's, with any LoRA adapter) on trainer.device, its precision (`choose_precision`), wrapped for trainer.parallel (joining the process group first), its optimizer and schedule,
-    and this rank's slices of the validation batches."""
+    and this rank's slices of the validation batches (and of those at each of trainer.eval_lengths, after checking
+    that the model's positional encoding reaches them: `check_eval_lengths`)."""
     from hydra.utils import instantiate
     validate(cfg)
     _check_trainer(cfg.trainer)
@@ -546,6 +598,7 @@ def set_up(cfg: DictConfig, run_dir=None, source=None) -> TrainRun:
     source = _source(cfg, source)
     T, model = training_block(cfg), initial_model(cfg).to(env.device)
     _check_packing(source, model)
+    lengths = eval_lengths(tc); check_eval_lengths(lengths, model)   # before any training
     flops = flops_per_token(model, T)
     loss_fn = wrap(model, strategy, env, tc.get("activation_checkpointing", False), tc.get("compile_blocks", False),
                    mixed_precision=strategy == "fsdp" and env.device.type == "cuda" and precision == "bf16")
@@ -554,7 +607,8 @@ def set_up(cfg: DictConfig, run_dir=None, source=None) -> TrainRun:
                     val=source.val_batches(tc.eval_batches, tc.batch_size, T, env.rank, env.world_size),
                     params=[p for p in model.parameters() if p.requires_grad], flops=flops,
                     peak=peak_flops(env.device, tc.get("peak_flops")), env=env, strategy=strategy, note=note,
-                    precision=precision)
+                    precision=precision,
+                    long_val=length_val_batches(source, lengths, tc.eval_batches, tc.batch_size, env.rank, env.world_size))
 
 # %% ../nbs/21_train.ipynb #119405ea
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -615,7 +669,7 @@ def open_run(run: TrainRun):
     save_config(run.cfg, run.run_dir)
     save_tokenizer(src, run.run_dir)
     columns = (list(METRIC_COLUMNS) + (["val_acc"] if run.accuracy else []) + list(getattr(src, "score_columns", ()))
-               + list(metric_columns(run.model)) + list(mtp_columns(run.model)))
+               + length_columns(list(run.long_val), run.accuracy) + list(metric_columns(run.model)) + list(mtp_columns(run.model)))
     run.log = MetricsLog(run.run_dir / "metrics.csv", columns,
                          keep_until=run.start if run.resumed_from is not None else None)
     counts = _params(run.model)
@@ -682,8 +736,9 @@ def score(run: TrainRun) -> dict:
     return out if run.env.is_main else {}
 
 def evaluation(run: TrainRun) -> dict:
-    "The validation figures (`evaluate`) and the source's scores (`score`) of the model now."
-    return {**evaluate(run.model, run.val, run.device, run.precision, run.accuracy), **score(run)}
+    """The validation figures (`evaluate`), those at trainer.eval_lengths (`length_evaluation`) and the source's scores
+    (`score`) of the model now."""
+    return {**evaluate(run.model, run.val, run.device, run.precision, run.accuracy), **length_evaluation(run), **score(run)}
 
 def log_metrics(run: TrainRun, grad_norm: float, last: bool = False):
     """After a step: a metrics.csv row when the step is a multiple of log_every, an evaluation step (a multiple of
