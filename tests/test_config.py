@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from smollm.config import ConfigError, build_model, compose, conf_dir, options
+from smollm.testing import check_component, check_gradients
 
 TINY = ["model=tiny", "data.vocab_size=128"]
 # a mixer option binds to a letter of the layer pattern (model.mixers.C), not to model.mixer: tests/test_mixers.py
@@ -17,9 +18,14 @@ def tiny(*overrides):
     return build_model(compose([*TINY, *overrides]).model)
 
 
-def one_step(model, T=12):
+def one_row(model, T=12):
+    "Inputs and targets for a next-token loss: 2 random rows of T tokens."
     ids = torch.randint(0, model.vocab_size, (2, T + 1))
-    loss = model.loss(ids[:, :-1], ids[:, 1:])
+    return ids[:, :-1], ids[:, 1:]
+
+
+def one_step(model, T=12):
+    loss = model.loss(*one_row(model, T))
     loss.backward()
     return loss
 
@@ -35,12 +41,14 @@ def test_every_option_is_a_member_of_its_family(group, option):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_builds_and_trains(group, option):
-    model = tiny(f"{group}={option}")
-    loss = one_step(model)
+    cfg = compose([*TINY, f"{group}={option}"])
+    model = build_model(cfg.model)
+    loss = model.loss(*one_row(model))
     assert torch.isfinite(loss)
     assert abs(loss.item() - math.log(128)) < 1.0, "a fresh model should be near the uniform loss"
-    for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"{group}={option}: no gradient on {name}"
+    check_gradients(model, lambda: loss, f"{group}={option}")   # a finite, nonzero gradient on every parameter
+    # and the option's component, from its yaml, passes its family's checks (what users run on theirs)
+    check_component(cfg.model[group.split("/", 1)[1]], name=f"{group}={option}")
 
 
 @pytest.mark.parametrize("overrides", [["model.placement=post"], ["model.placement=sandwich"],

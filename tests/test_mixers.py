@@ -6,6 +6,7 @@ import torch
 from smollm.config import ConfigError, build_model, compose, options
 from smollm.generate import generate
 from smollm.mixers import Mixer, ShortConv, short_conv, short_conv_ref, short_conv_step
+from smollm.testing import check_mixer, check_model
 
 DIM = 16
 TINY = ["model=tiny", "data.vocab_size=128", "model.n_layers=4"]
@@ -41,34 +42,25 @@ def test_is_a_mixer(mixer):
     assert "cannot apply" in mixer.refusal("window")
 
 
+# the kit's checks (smollm.testing) at float64 with torch.testing's float64 tolerances: rtol = atol = 1e-7
+KIT = dict(dim=DIM, T=10, dtype=torch.double, atol=1e-7, rtol=1e-7, causal_atol=1e-7, reach=1e-3)
+
+
 def test_causal(mixer):
-    x = x_of()
-    y = mixer(x, None, None)
-    x2 = x.clone()
-    x2[:, 6:] += 1.0
-    y2 = mixer(x2, None, None)
-    torch.testing.assert_close(y2[:, :6], y[:, :6])
-    assert (y2[:, 6:] - y[:, 6:]).abs().max() > 1e-3
+    check_mixer(mixer, checks=["causality"], **KIT)
 
 
 @pytest.mark.parametrize("prefill", [1, 4])
 def test_state_decoding_equals_full_forward(mixer, prefill):
-    x = x_of()
-    full = mixer(x, None, None)
-    state = mixer.new_cache()
-    outs = [mixer(x[:, :prefill], None, None, state)]
-    sizes = {state.nbytes()}
-    for t in range(prefill, x.shape[1]):
-        outs.append(mixer(x[:, t:t + 1], None, None, state))
-        sizes.add(state.nbytes())
-    torch.testing.assert_close(torch.cat(outs, 1), full)
-    assert state.length == x.shape[1] and len(sizes) == 1, "the state must not grow with the tokens read"
+    check_mixer(mixer, checks=["decoding"], prefill=(prefill,), **KIT)    # and the state keeps its size
 
 
 def test_every_parameter_gets_a_gradient(mixer):
-    mixer(x_of(), None, None).square().sum().backward()
-    for name, p in mixer.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    check_mixer(mixer, checks=["gradients"], **KIT)
+
+
+def test_keeps_the_contract(mixer):
+    check_mixer(mixer, checks=["contract"], **KIT)
 
 
 def test_left_padding(mixer):
@@ -153,10 +145,7 @@ def test_every_mixer_option_builds_trains_and_is_a_mixer(option):
     model = hybrid(option)
     assert [isinstance(b.attn, Mixer) for b in model.layers] == [True, True, True, False]
     assert model.layers[0].attn.family == "mixer"     # its parameters count as the mixer family's
-    ids = torch.randint(0, 128, (2, 13))
-    model.loss(ids[:, :-1], ids[:, 1:]).backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"{option}: no gradient on {name}"
+    check_model(model, x=torch.randint(0, 128, (2, 13)), checks=["gradients"], name=option)
     assert model.packing_refusal() is None
     assert model.param_counts()["mixer"] > 0
 

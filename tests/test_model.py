@@ -11,6 +11,7 @@ from smollm.config import build_model, compose
 from smollm.kernels import triton_available
 from smollm.model import Block
 from smollm.norms import RMSNorm
+from smollm.testing import check_gradients, check_model
 
 
 # ------------------------------------------------------------------------------------------------- placements
@@ -228,10 +229,7 @@ def test_value_residual_in_a_hybrid_decodes_as_the_full_forward(pattern):
         steps = [m(x[:, :4], cache, key_mask=mask[:, :4])]
         steps += [m(x[:, t:t + 1], cache, key_mask=mask[:, :t + 1]) for t in range(4, 10)]
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
-    m.train()
-    loss = m.loss(x[:, :-1], x[:, 1:])
-    loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+    check_model(m, x=x, checks=["gradients"], name=f"value residual, {pattern}")
     assert first in m.value_layers
 
 
@@ -283,9 +281,7 @@ def test_mtp_loss_is_the_extra_heads_loss(overrides):
     torch.testing.assert_close(m.mtp_loss, want.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, main + 0.25 * want, atol=1e-5, rtol=1e-5)
     assert m.mtp_loss.requires_grad is False and (want - main).abs() > 1e-3
-    loss.backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient on {name}"
+    check_gradients(m, lambda: loss, "MTP")      # the heads' parameters learn, and so does the trunk
 
 
 def linear_ce(m, x, y):
