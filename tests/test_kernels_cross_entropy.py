@@ -333,6 +333,39 @@ def test_compiled_range_check_is_an_async_assert():
         fn(h, w, torch.tensor([0, 1, 10, -100]))
 
 
+def test_compiled_unchunked_is_the_plain_form():
+    """Compiled, the CPU path traces the plain lm head + cross-entropy (inductor fuses its passes; it cannot see
+    into UnchunkedLinearCrossEntropyFunction's in-place ones): no custom Function in the graph, and loss and
+    gradients agree with the eager Function for every reduction, with the extras, an ignored row and autocast."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    y = torch.tensor([[0, 5, -100, 29, 7], [3, 3, 1, -100, 12]])
+    for reduction in REDUCTIONS:
+        for kw in (dict(), dict(z_loss=1e-3, softcap=5.0)):
+            for bf16 in (False, True):
+                torch._dynamo.reset()
+                graphs.clear()
+                fn = torch.compile(lambda h, w, y: linear_cross_entropy(h, w, y, reduction=reduction, impl="torch",
+                                                                        **kw), fullgraph=True, backend=backend)
+                results = []
+                for f in (fn, lambda h, w, y: linear_cross_entropy(h, w, y, reduction=reduction, impl="torch", **kw)):
+                    torch.manual_seed(0)
+                    h, w = torch.randn(2, 5, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                        out = f(h, w, y)
+                    gout = torch.randn(out.shape)
+                    results.append((out, *torch.autograd.grad(out, (h, w), gout)))
+                assert len(graphs) == 1
+                assert not [n for n in graphs[0].graph.nodes if "autograd_function" in str(n.target)]
+                tol = dict(atol=2e-2, rtol=2e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)
+                for a, b in zip(*results):
+                    torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
 def test_transformer_loss_has_no_graph_break():
     "torch._dynamo.explain of the nano model's loss: the range check used to split the graph in two."
     from smollm.config import build_model, compose

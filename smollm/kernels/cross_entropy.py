@@ -323,10 +323,14 @@ def linear_cross_entropy_unchunked(hidden: torch.Tensor, weight: torch.Tensor, t
                                    ignore_index: int = -100, reduction: str = "mean", z_loss: float = 0.0,
                                    softcap: float | None = None):
     """Plain-PyTorch lm head + cross-entropy of hidden (N, dim), weight (V, dim), targets (N,), all N x V
-    logits at once (`UnchunkedLinearCrossEntropyFunction`): the CPU path of `linear_cross_entropy`."""
+    logits at once (`UnchunkedLinearCrossEntropyFunction`): the CPU path of `linear_cross_entropy`. Under
+    `torch.compile` it is `linear_cross_entropy_ref`, which the compiler fuses better than it can the Function."""
     where = "linear_cross_entropy"
     check_linear_ce_args(hidden, weight, targets, reduction, softcap, None, where)
     check_targets_in_range(targets, weight.shape[0], ignore_index, where)
+    if torch.compiler.is_compiling():   # inductor fuses the plain form's softmax passes itself; it cannot see
+        _compute_dtype(hidden, weight, where)   # into the Function's in-place ones (same dtype check as eager)
+        return linear_cross_entropy_ref(hidden, weight, targets, ignore_index, reduction, z_loss, softcap)
     return UnchunkedLinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, reduction, z_loss,
                                                      softcap)
 
