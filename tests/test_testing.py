@@ -198,6 +198,11 @@ def test_a_bad_constructor_signature_is_caught():
             return x
     caught(lambda: check_mlp(Forward, checks=["contract"]), "Forward", "contract", "forward's argument 'mask' has no default")
 
+    class NoKeyMask(Attention):                             # a Block calls every layer with key_mask=...
+        def forward(self, x, positional, pos, cache=None):
+            return super().forward(x, positional, pos, cache)
+    caught(lambda: check_attention(NoKeyMask), "NoKeyMask", "contract", "forward has no keyword 'key_mask'")
+
 
 def test_a_wrong_output_and_a_missing_protocol_are_caught():
     class Wide(SwiGLU):
