@@ -3,7 +3,6 @@ metrics.csv and run.json, the refusal of a positional table that stops at the bl
 block, and smollm-report's table by length (smollm.report)."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,9 +11,6 @@ from smollm.config import ConfigError, build_model, compose
 from smollm.report import find_runs, report, summarize, summarize_lengths, welch
 from smollm.runs import read_metrics
 from smollm.train import evaluate, set_up, train
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
@@ -88,14 +84,35 @@ def test_models_run_past_their_block(positional):
     torch.testing.assert_close(long[:, :16], short, atol=1e-5, rtol=1e-5)
 
 
-def test_the_experiment_composes_and_sweeps_every_relative_encoding():
-    cfg = compose(["experiment=length_extrapolation"])
-    T = cfg.model.block_size
-    assert list(cfg.trainer.eval_lengths) == [T, 2 * T, 4 * T]
-    text = (ROOT / "conf" / "experiment" / "length_extrapolation.yaml").read_text()
-    assert "model/positional: rope,alibi,nope,t5" in text and "seed: 0,1,2" in text
-    t5 = compose(["experiment=length_extrapolation", "model/positional=t5"]).model.positional
-    assert t5.max_distance <= T        # every bucket of T5's bias is trained at the block
+def _sweep_jobs(experiment):
+    "The jobs (tuples of overrides) that `smollm-train -m experiment=...` runs, from Hydra's own sweeper."
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+    from smollm.config import conf_dir
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir())))
+    cfg = loader.load_configuration("train", overrides=[f"experiment={experiment}"], run_mode=RunMode.MULTIRUN)
+    overrides = OverridesParser.create(config_loader=loader).parse_overrides(
+        [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])
+    return [tuple(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def test_the_experiment_sweeps_four_encodings_over_seeds_at_1x_2x_4x():
+    from smollm.train import check_eval_lengths, eval_lengths
+    jobs = _sweep_jobs("length_extrapolation")
+    assert sorted(jobs) == sorted((f"model/positional={p}", f"seed={s}") for p in ("rope", "alibi", "nope", "t5")
+                                  for s in range(3))
+    for p in ("rope", "alibi", "nope", "t5"):
+        cfg = compose(["experiment=length_extrapolation", f"model/positional={p}"])
+        T = cfg.model.block_size
+        assert eval_lengths(cfg.trainer) == [T, 2 * T, 4 * T]
+        check_eval_lengths(eval_lengths(cfg.trainer), build_model(cfg.model))   # each encoding reaches 4x
+        if p == "t5": assert cfg.model.positional.max_distance <= T   # every bucket of T5's bias is trained
+    with pytest.raises(ConfigError, match="trainer.eval_lengths"):
+        cfg = compose(["experiment=length_extrapolation", "model/positional=learned"])
+        check_eval_lengths(eval_lengths(cfg.trainer), build_model(cfg.model))
 
 
 def test_report_has_a_table_by_length(tmp_path):
