@@ -13,7 +13,7 @@ import torch.nn.functional as F
 __all__ = ['LOCAL_TASKS', 'MULTIPLE_CHOICE', 'PERPLEXITY', 'TASK_TAG', 'EvalError', 'context_length', 'window', 'score',
            'rolling_requests', 'cut_at_stop', 'generate_texts', 'Adapter', 'adapter_class', 'task_yaml',
            'build_local_tasks', 'tasks_dir', 'local_tasks', 'local_dataset', 'task_manager', 'evaluate', 'summarize',
-           'write_results', 'main', 'lm_eval_cli']
+           'table', 'write_results', 'main', 'lm_eval_cli']
 
 # %% ../nbs/24_eval.ipynb #e095d6cf
 class EvalError(ValueError):
@@ -408,6 +408,12 @@ def summarize(results: dict) -> dict[str, dict[str, float]]:
                      if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
     return out
 
+def table(results: dict) -> str:
+    "lm-eval's markdown table of a results dict: one line per task and metric, with its standard error."
+    _lm_eval()
+    from lm_eval.utils import make_table
+    return make_table(results)
+
 def write_results(results: dict, out) -> Path:
     """Write eval.json to `out` (a file, or a folder to write eval.json in): the scores (`summarize`), lm-eval's
     version, the items and few-shot examples per task; returns its path."""
@@ -444,8 +450,7 @@ def main(argv: list[str] | None = None):
                            truncation=not args.no_truncation)
     except (EvalError, FileNotFoundError, ImportError, ValueError) as e:   # the user's input: one line, no traceback
         raise SystemExit(f"smollm-eval: {type(e).__name__}: {e}") from None
-    from lm_eval.utils import make_table
-    print(make_table(results))
+    print(table(results))
     print(f"wrote {write_results(results, args.output or args.checkpoint)}")
 
 # %% ../nbs/24_eval.ipynb #0c76687c

@@ -11,8 +11,8 @@ from .runs import METRIC_COLUMNS, read_metrics, read_run_json
 
 # %% auto #0
 __all__ = ['IGNORED_OVERRIDES', 'STANDARD_METRICS', 'LENGTH_COLUMN', 'betainc', 't_two_sided_p', 'welch', 'Run', 'find_runs',
-           'headline_metric', 'higher_is_better', 'score_columns', 'summarize', 'length_columns', 'summarize_lengths',
-           'plot_runs', 'plot_lengths', 'report', 'main']
+           'downstream_scores', 'with_downstream', 'headline_metric', 'higher_is_better', 'score_columns', 'summarize',
+           'length_columns', 'summarize_lengths', 'plot_runs', 'plot_lengths', 'report', 'main']
 
 # %% ../nbs/22_report.ipynb #1e8ad325
 def _beta_cf(x: float, a: float, b: float, tol: float = 1e-14, max_iter: int = 500) -> float:
@@ -109,10 +109,25 @@ def find_runs(path) -> list[Run]:
     order = lambda d: tuple((0, int(s), "") if s.isdigit() else (1, 0, s) for s in d.relative_to(path).parts)
     runs = []
     for d in sorted(dirs, key=order):
-        info = read_run_json(d)
+        info = with_downstream(read_run_json(d), d)
         rows = read_metrics(d / "metrics.csv") if (d / "metrics.csv").is_file() else []
         runs.append(Run(d, _overrides(d), info, rows))
     return runs
+
+# %% ../nbs/22_report.ipynb #b3a4be93
+def downstream_scores(run_dir) -> dict[str, float]:
+    """The downstream scores in run_dir/eval.json (written by smollm.eval), as {'<task>/<metric>': value}; {} without
+    the file."""
+    f = Path(run_dir) / "eval.json"
+    if not f.is_file(): return {}
+    tasks = json.loads(f.read_text()).get("tasks") or {}
+    return {f"{t}/{m}": float(v) for t, metrics in tasks.items() for m, v in metrics.items()}
+
+def with_downstream(info: dict, run_dir) -> dict:
+    "run.json's `info` with the run's downstream scores added as values and as score_columns (itself without any)."
+    scores = downstream_scores(run_dir)
+    if not scores: return info
+    return {**info, **scores, "score_columns": [*(info.get("score_columns") or []), *scores]}
 
 # %% ../nbs/22_report.ipynb #980e1a71
 def _fmt(x, digits: int = 4) -> str:

@@ -31,8 +31,8 @@ __all__ = ['PEAK_FLOPS', 'PRECISIONS', 'LAUNCHER_PLUGINS', 'decay_groups', 'adam
            'plot_metrics', 'TrainRun', 'per_rank_batch', 'eval_lengths', 'length_columns', 'check_eval_lengths',
            'length_val_batches', 'length_evaluation', 'init_model_config', 'with_init_from', 'training_block',
            'initial_model', 'set_up', 'resume', 'open_run', 'TrainingError', 'train_step', 'score', 'evaluation',
-           'log_metrics', 'checkpoint', 'vs_unigram', 'final_line', 'finish', 'write_samples', 'train',
-           'check_launcher', 'main']
+           'log_metrics', 'checkpoint', 'vs_unigram', 'final_line', 'finish', 'write_samples', 'downstream_eval',
+           'train', 'check_launcher', 'main']
 
 # %% ../nbs/21_train.ipynb #82800202
 def _table_params(model: nn.Module) -> set[int]:
@@ -841,6 +841,26 @@ def write_samples(model, source, val, path, n: int, new_tokens: int, max_len: in
                    f"{source.decode(ids.tolist())}\n")
     if path is not None: Path(path).write_text("\n".join(out))
 
+# %% ../nbs/21_train.ipynb #157bf268
+def downstream_eval(run: TrainRun, summary: dict) -> dict:
+    """A finished run's downstream evaluation, when the config's `eval.tasks` names lm-eval tasks (e.g.
+    [smollm_pystdlib], the offline ones): smollm.eval on the final checkpoint (the `eval` extra), on rank 0, with
+    `eval.limit` items per task and `eval.batch_size`; the table printed, and eval.json in the run folder, where
+    smollm-report finds it. An evaluation that cannot run says why in one line and leaves the run done. Returns
+    `summary` unchanged."""
+    tasks = list(OmegaConf.select(run.cfg, "eval.tasks", default=None) or [])
+    if not tasks or summary.get("status") != "done" or not run.env.is_main:
+        return summary
+    from smollm.eval import evaluate, table, write_results   # one way: eval imports nothing of train
+    try:
+        res = evaluate(run.run_dir, tasks, limit=OmegaConf.select(run.cfg, "eval.limit", default=None),
+                       batch_size=OmegaConf.select(run.cfg, "eval.batch_size", default=8), device=str(run.device))
+    except (ImportError, ValueError, FileNotFoundError) as e:   # EvalError, CheckpointError: ValueErrors
+        print(f"smollm-train: eval.tasks={tasks}: not evaluated: {type(e).__name__}: {e}", flush=True)
+        return summary
+    print(table(res), f"smollm-train: downstream scores in {write_results(res, run.run_dir)}", sep="\n", flush=True)
+    return summary
+
 # %% ../nbs/21_train.ipynb #7a7a38bf
 def train(cfg: DictConfig, run_dir=None, source=None, stop_at: int | None = None) -> dict:
     """Train the model of a composed config `cfg` (see `smollm.config.compose`), writing into `run_dir` (default: the
@@ -874,7 +894,7 @@ def train(cfg: DictConfig, run_dir=None, source=None, stop_at: int | None = None
         bar.close()
         if run.log is not None: run.log.close()
 
-    return finish(run, t_start)
+    return downstream_eval(run, finish(run, t_start))
 
 # %% ../nbs/21_train.ipynb #3934e1e3
 # the Hydra plugin that each option of conf/hydra/launcher needs (both come with the `launchers` extra)

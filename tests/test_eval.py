@@ -256,3 +256,22 @@ def test_offline_tasks_are_package_data():
     files = [p.relative_to(tasks_dir().parent).as_posix() for p in tasks_dir().iterdir()]
     assert len(local_tasks()) == 3 and len(files) == 6
     assert all(any(fnmatch.fnmatch(f, g) for g in globs) for f in files), (files, globs)
+
+
+def test_training_ends_with_the_downstream_evaluation(tmp_path, capsys):
+    "eval.tasks in the training config: the finished run is evaluated, eval.json beside run.json, the table printed."
+    from smollm.train import train
+    cfg = compose(["model=tiny", "model.block_size=128", "data=pystdlib", "data.max_files=20", "data.vocab_size=300",
+                   f"data.cache_dir={tmp_path / 'cache'}", "trainer.batch_size=2", "trainer.progress=false",
+                   "schedule.warmup_steps=1", "trainer.eval_every=2", "trainer.eval_batches=1", "trainer.max_steps=2",
+                   "trainer.samples=0", "eval.tasks=[smollm_pystdlib_line_order]", "eval.limit=4", "eval.batch_size=2"])
+    out = train(cfg, tmp_path / "run")
+    assert out["status"] == "done"
+    scores = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert list(scores["tasks"]) == ["smollm_pystdlib_line_order"] and scores["limit"] == 4
+    assert "downstream scores in" in capsys.readouterr().out
+    assert train(compose(["model=tiny", "data=mqar", "data.vocab_size=64", "trainer.max_steps=1", "trainer.batch_size=2",
+                          "trainer.progress=false", "trainer.eval_batches=1", "trainer.eval_every=1",
+                          "eval.tasks=[smollm_pystdlib]"]), tmp_path / "mqar")["status"] == "done"
+    assert "eval.tasks=['smollm_pystdlib']: not evaluated" in capsys.readouterr().out    # MQAR has no tokenizer
+    assert not (tmp_path / "mqar" / "eval.json").exists()
