@@ -347,7 +347,8 @@ def _unfinished(runs: list[Run], rows: list[dict], path: Path) -> list[str]:
     if not unfinished: return []
     lines = ["", f"## Runs not in the statistics ({len(unfinished)})", ""]
     for r in unfinished:
-        last = r.info.get("step", r.rows[-1]["step"] if r.rows else 0)
+        # run.json's step moves at checkpoints, metrics.csv's at every logged row: the later of the two
+        last = max(r.info.get("step") or 0, r.rows[-1]["step"] if r.rows else 0)
         err = f"; {r.info['error']}" if r.info.get("error") else ""
         lab = next((row["label"] for row in rows if row["key"] == r.key), "")
         seed = "" if r.seed is None else f", seed {r.seed}"

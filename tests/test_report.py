@@ -67,7 +67,7 @@ def test_unfinished_and_failed_runs_are_listed(tmp_path, capsys):
     import json
     for i, (status, extra) in enumerate([("done", {"val_loss": 2.0}), ("done", {"val_loss": 2.2}),
                                           ("failed", {"error": "TrainingError: non-finite loss at step 3"}),
-                                          ("running", {})]):
+                                          ("running", {"step": 0})]):   # run.json's step: the last checkpoint
         d = tmp_path / str(i)
         (d / ".hydra").mkdir(parents=True)
         (d / ".hydra" / "overrides.yaml").write_text(f"- model/norm={'dyt' if i % 2 else 'rmsnorm'}\n- seed={i}\n")
