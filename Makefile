@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.smollm-installed
 ARGS   ?=
 
-.PHONY: setup train test test-all lab sync-check nbtest pytest export clean bench-quick
+.PHONY: setup train test test-all lab sync-check nbtest pytest export clean bench-quick docs
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ sync-check: setup
 export: setup
 	$(BIN)/nbdev-export
 	$(BIN)/nbdev-clean
+
+## make docs: the documentation site from the notebooks, in _docs/ (open _docs/index.html). nbdev-docs where
+# Quarto is on PATH; else tools/build_docs.py builds it offline with nbdev's processing and nbconvert's renderer
+docs: setup
+	$(TESTENV) $(BIN)/python tools/build_docs.py
 
 lab: setup
 	$(BIN)/jupyter lab nbs
