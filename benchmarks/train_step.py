@@ -27,6 +27,11 @@ dO V^T, dQ = dS K, dK = dS^T Q), counted at HALF their full T x T time, because 
 kernels skip the upper triangle. Efficiency = limit / step time: 1.0 would be a step that does nothing but its
 matrix products.
 
+cpu s/step: the process CPU time of the same steps (every thread's, spin-waits included), the median: on a machine
+shared with other jobs it moves less than the wall-clock time. `--profile ROWS` prints, after the tables, each
+implementation's torch.profiler table (key_averages over 3 steps, the top ROWS ops by self CPU time), as
+benchmarks/PROFILES.md quotes.
+
 Peak memory: torch.profiler's memory events (profile_memory=True) over one step after the timed ones: the highest
 total of live tensor bytes during the step, above those live when it began (activations, gradients, temporaries;
 the weights and AdamW state are already there). These are allocator bytes, not RSS, so allocator caching and
@@ -34,6 +39,7 @@ threads' stacks do not enter; the same measure for all three.
 
     .venv/bin/python benchmarks/train_step.py                          # both sizes, every mode
     .venv/bin/python benchmarks/train_step.py --size 120m --mode eager --reps 5 --threads 2
+    .venv/bin/python benchmarks/train_step.py --size nano --mode bf16 --threads 1 --profile 20
     .venv/bin/python benchmarks/train_step.py --quick                  # tiny shape, every mode: what CI runs
 
 litgpt is optional: install the `bench` extra (`pip install -e ".[bench]"`, then `pip install --no-deps litgpt`,
@@ -89,6 +95,7 @@ class Impl:
     loss_fn: object                 # (x, y) -> mean cross-entropy of the next tokens y
     opt: torch.optim.Optimizer = None
     times: list = field(default_factory=list)
+    cpu_times: list = field(default_factory=list)   # process CPU seconds of the same steps (all threads)
     first_steps: float = 0.0        # seconds of step 0 and the warm-up steps (compiling and recompiling)
     loss0: float = float("nan")
     graphs: int | None = None       # graphs dynamo compiled in those steps (1: one graph, no recompile)
@@ -285,9 +292,10 @@ def run_mode(label: str, spec: dict, mode: str, args, lit) -> list[Impl]:
     limits = []
     for r in range(args.reps):
         for impl in impls[r % len(impls):] + impls[:r % len(impls)]:   # alternating, the order rotating
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             step(impl, x, y, mode)
             impl.times.append(time.perf_counter() - t0)
+            impl.cpu_times.append(time.process_time() - c0)
         limits.append(limit.time())
     for impl in impls:
         impl.peak_mb = peak_step_mb(impl, x, y, mode)
@@ -302,20 +310,35 @@ def run_mode(label: str, spec: dict, mode: str, args, lit) -> list[Impl]:
     print(f"step-0 loss: {losses}")
     print(f"matmul limit: {lim:.4f} s/step ({limit.flops / 1e9:.3g} GFLOP, "
           f"{limit.flops / lim / 1e9:.0f} GFLOP/s, {'bf16' if mode == 'bf16' else 'fp32'})\n")
-    cols = ["impl", "median s/step", "tokens/s", "vs transformers"] + (["vs litgpt"] if "litgpt" in med else []) + \
+    cols = ["impl", "median s/step", "cpu s/step", "tokens/s", "vs transformers"] + (["vs litgpt"] if "litgpt" in med else []) + \
         ["peak MiB", "efficiency"] + (["compile s", "graphs", "graph breaks"] if mode == "compile" else [])
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for impl in impls:
         m = med[impl.name]
-        row = [impl.name, f"{m:.4f}", f"{tokens / m:.0f}", f"{med['transformers'] / m:.2f}x"]
+        row = [impl.name, f"{m:.4f}", f"{statistics.median(impl.cpu_times):.4f}", f"{tokens / m:.0f}", f"{med['transformers'] / m:.2f}x"]
         row += [f"{med['litgpt'] / m:.2f}x"] if "litgpt" in med else []
         row += [f"{impl.peak_mb:.1f}", f"{lim / m:.2f}"]
         compile_s = max(impl.first_steps - (1 + args.warmup) * m, 0.0)
         row += [f"{compile_s:.1f}", str(impl.graphs), str(impl.graph_breaks)] if mode == "compile" else []
         print("| " + " | ".join(row) + " |")
     sys.stdout.flush()
+    if args.profile:
+        print_profiles(impls, x, y, mode, args.profile)
     return impls
+
+
+def print_profiles(impls: list[Impl], x, y, mode: str, rows: int, steps: int = 3):
+    "torch.profiler's key_averages of `steps` steps of each implementation: the top `rows` ops by self CPU time."
+    from torch.profiler import ProfilerActivity, profile
+    for impl in impls:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step(impl, x, y, mode)
+        ka = prof.key_averages()
+        print(f"\n#### profile: {impl.name}, {mode}, {steps} steps, self CPU {sum(e.self_cpu_time_total for e in ka) / 1e3 / steps:.1f} ms/step\n")
+        print(ka.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+    sys.stdout.flush()
 
 
 def main(argv=None):
@@ -328,6 +351,9 @@ def main(argv=None):
     p.add_argument("--kernels", default="auto", help="smollm's model.kernels (auto or torch on a CPU)")
     p.add_argument("--backend", default=None,
                    help="torch.compile's backend in the compile mode (default inductor; aot_eager with --quick)")
+    p.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                   help="after the timed rounds, print each implementation's top ROWS ops by self CPU time "
+                        "(torch.profiler over 3 steps)")
     p.add_argument("--quick", action="store_true",
                    help="a tiny shape, 2 rounds, compile on aot_eager: checks that the script runs")
     args = p.parse_args(argv)
