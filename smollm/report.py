@@ -115,6 +115,8 @@ def find_runs(path) -> list[Run]:
     return runs
 
 # %% ../nbs/22_report.ipynb #b3a4be93
+import json
+
 def downstream_scores(run_dir) -> dict[str, float]:
     """The downstream scores in run_dir/eval.json (written by smollm.eval), as {'<task>/<metric>': value}; {} without
     the file."""

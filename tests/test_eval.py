@@ -270,6 +270,9 @@ def test_training_ends_with_the_downstream_evaluation(tmp_path, capsys):
     scores = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert list(scores["tasks"]) == ["smollm_pystdlib_line_order"] and scores["limit"] == 4
     assert "downstream scores in" in capsys.readouterr().out
+    from smollm.report import report
+    md, _ = report(tmp_path / "run")                                   # smollm-report: beside the validation loss
+    assert f"| {scores['tasks']['smollm_pystdlib_line_order']['acc']:.3f} ± n/a |" in md, md
     assert train(compose(["model=tiny", "data=mqar", "data.vocab_size=64", "trainer.max_steps=1", "trainer.batch_size=2",
                           "trainer.progress=false", "trainer.eval_batches=1", "trainer.eval_every=1",
                           "eval.tasks=[smollm_pystdlib]"]), tmp_path / "mqar")["status"] == "done"
