@@ -400,7 +400,10 @@ def page_html(title, description, body, toc, page, nav, prev_next) -> str:
         if item:
             links.append(f'<a class="{cls}" href="{rel(item[0])}">{"&larr; " if cls == "prev" else ""}'
                          f'{html.escape(item[1])}{" &rarr;" if cls == "next" else ""}</a>')
-    desc = f'<p class="description">{html.escape(description)}</p>' if description else ""
+    desc = ""
+    if description:                             # inline markdown, as Quarto renders it: `code`, *emphasis*
+        inner = re.sub(r"^<p>|</p>\s*$", "", _md(description, "").strip())
+        desc = f'<p class="description">{inner}</p>'
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
