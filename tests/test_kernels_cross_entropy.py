@@ -364,6 +364,13 @@ def test_compiled_unchunked_is_the_plain_form():
                 tol = dict(atol=2e-2, rtol=2e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)
                 for a, b in zip(*results):
                     torch.testing.assert_close(a.float(), b.float(), **tol)
+    # every target ignored: the compiled mean is 0, as in eager (F.cross_entropy's own mean would be 0/0)
+    fn = torch.compile(lambda h, w, y: linear_cross_entropy(h, w, y, impl="torch"), fullgraph=True, backend="eager")
+    h, w = torch.randn(4, 8, requires_grad=True), torch.randn(30, 8)
+    out = fn(h, w, torch.full((4,), -100))
+    assert out.item() == 0.0
+    out.backward()
+    assert torch.equal(h.grad, torch.zeros_like(h))
 
 
 def test_transformer_loss_has_no_graph_break():

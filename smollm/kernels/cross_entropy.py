@@ -324,13 +324,22 @@ def linear_cross_entropy_unchunked(hidden: torch.Tensor, weight: torch.Tensor, t
                                    softcap: float | None = None):
     """Plain-PyTorch lm head + cross-entropy of hidden (N, dim), weight (V, dim), targets (N,), all N x V
     logits at once (`UnchunkedLinearCrossEntropyFunction`): the CPU path of `linear_cross_entropy`. Under
-    `torch.compile` it is `linear_cross_entropy_ref`, which the compiler fuses better than it can the Function."""
+    `torch.compile` it is the plain form (F.cross_entropy of the logits, or `linear_cross_entropy_ref` with z_loss or
+    softcap), which the compiler fuses better than it can the Function."""
     where = "linear_cross_entropy"
     check_linear_ce_args(hidden, weight, targets, reduction, softcap, None, where)
     check_targets_in_range(targets, weight.shape[0], ignore_index, where)
     if torch.compiler.is_compiling():   # inductor fuses the plain form's softmax passes itself; it cannot see
         _compute_dtype(hidden, weight, where)   # into the Function's in-place ones (same dtype check as eager)
-        return linear_cross_entropy_ref(hidden, weight, targets, ignore_index, reduction, z_loss, softcap)
+        if z_loss or softcap is not None:
+            return linear_cross_entropy_ref(hidden, weight, targets, ignore_index, reduction, z_loss, softcap)
+        # F.cross_entropy lowers to log_softmax + nll_loss, which inductor compiles faster than the reference's
+        # logsumexp + gather; per-row losses reduced as in eager (a mean over no valid row is 0, not NaN)
+        loss = torch.nn.functional.cross_entropy((hidden @ weight.t()).float().flatten(0, -2), targets.flatten(),
+                                                 ignore_index=ignore_index, reduction="none" if reduction == "none"
+                                                 else "sum")    # 0 where ignored
+        return loss.view(targets.shape) if reduction == "none" else \
+            loss * reduction_scale(targets != ignore_index, reduction)
     return UnchunkedLinearCrossEntropyFunction.apply(hidden, weight, targets, ignore_index, reduction, z_loss,
                                                      softcap)
 
