@@ -13,7 +13,8 @@ block 512, batch 2 x 512). Modes, each the same treatment for all three models:
 - `eager`: fp32;
 - `compile`: `torch.compile` of forward + loss (as the trainer's `trainer.compile=true` does; backward through
   AOTAutograd, the optimizer eager). Compile s: step 0 and the warm-up steps (which take any recompile) less as
-  many median steps; graphs: the graphs dynamo compiled for that model (1 = one graph, never recompiled). Inductor's
+  many median steps, after a toy function has paid the compiler's one-time start-up (else the model compiled first
+  in the process pays it: about 13 s for smollm at the nano shape); graphs: the graphs dynamo compiled for that model (1 = one graph, never recompiled). Inductor's
   caches are off (torch.compiler.config.force_disable_caches, unless TORCHINDUCTOR_FORCE_DISABLE_CACHES is set), so
   it is a cold compile each run;
 - `bf16`: `torch.autocast('cpu', dtype=torch.bfloat16)` around forward + loss (the weights and AdamW stay fp32).
@@ -258,6 +259,13 @@ def compile_counts() -> tuple[int, int]:
     return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
+def warm_compiler(backend: str):
+    "Compile and run (forward and backward) a toy function with `backend`, then forget it (torch._dynamo.reset)."
+    a = torch.randn(8, 8, requires_grad=True)
+    torch.compile(lambda t: F.silu(t @ t.t()).sum(), backend=backend)(a).backward()
+    torch._dynamo.reset()
+
+
 def run_mode(label: str, spec: dict, mode: str, args, lit) -> list[Impl]:
     "Time one size in one mode and print its table."
     from smollm.train import adamw
@@ -271,6 +279,8 @@ def run_mode(label: str, spec: dict, mode: str, args, lit) -> list[Impl]:
     impls = [Impl(name, models[name], fns[name], adamw(models[name], lr=3e-3, betas=(0.9, 0.95), eps=1e-8,
                                                       weight_decay=0.1)) for name in models]
 
+    if mode == "compile":   # the compiler's one-time start-up (imports, C++ toolchain, worker pool) on a toy graph,
+        warm_compiler(args.backend)   # so that it is not counted as the compile time of whichever model comes first
     for impl in impls:      # step 0 (the same weights, so the same loss) and the warm-up, one model at a time
         if mode == "compile":
             before = compile_counts()
