@@ -422,9 +422,8 @@ def write_results(results: dict, out) -> Path:
     cfg = results.get("config", {})
     doc = dict(tasks=summarize(results), n_samples={t: n.get("effective") for t, n in results.get("n-samples", {}).items()},
                num_fewshot=results.get("n-shot"), limit=cfg.get("limit"), lm_eval=_lm_eval().__version__)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(out)
+    from smollm.runs import _write_atomic
+    _write_atomic(out, json.dumps(doc, indent=1))
     return out
 
 # %% ../nbs/24_eval.ipynb #b09d88c9

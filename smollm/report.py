@@ -4,7 +4,7 @@
 
 # %% ../nbs/22_report.ipynb #528d980a
 from __future__ import annotations
-import argparse, math, re, statistics, sys
+import argparse, json, math, re, statistics, sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from .runs import METRIC_COLUMNS, read_metrics, read_run_json
@@ -115,8 +115,6 @@ def find_runs(path) -> list[Run]:
     return runs
 
 # %% ../nbs/22_report.ipynb #b3a4be93
-import json
-
 def downstream_scores(run_dir) -> dict[str, float]:
     """The downstream scores in run_dir/eval.json (written by smollm.eval), as {'<task>/<metric>': value}; {} without
     the file."""
